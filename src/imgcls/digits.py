@@ -1,0 +1,42 @@
+"""The embedded default dataset: scikit-learn's handwritten digits, written out as an ImageFolder tree."""
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SPLITS = {"train": 0.7, "val": 0.15, "test": 0.15}
+SEED = 0
+
+
+def write_digits(root: str | Path) -> Path:
+    """Write the 1,797 8x8 digits as PNGs under ``root/{train,val,test}/<digit>/`` unless there; return ``root``.
+
+    Pixels are 8-bit grayscale, ink bright on black: ``round(v * 255 / 16)`` for ``v`` in 0..16.
+    The split is stratified per class with a fixed seed, so every machine writes the same files.
+    """
+    root = Path(root)
+    if root.exists():
+        return root
+    from sklearn.datasets import load_digits  # imported here: scikit-learn is slow to import
+
+    digits = load_digits()
+    pixels = np.rint(digits.images * 255 / 16).astype(np.uint8)  # (N, 8, 8)
+    # Written to a private folder, then renamed: concurrent ranks and interrupted runs never see half a set.
+    tmp = root.with_name(f".{root.name}.{os.getpid()}.tmp")
+    rng = np.random.default_rng(SEED)
+    for label in range(10):
+        indices = rng.permutation(np.flatnonzero(digits.target == label))
+        bounds = np.cumsum([round(f * len(indices)) for f in SPLITS.values()])[:-1]
+        for split, part in zip(SPLITS, np.split(indices, bounds)):
+            folder = tmp / split / str(label)
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in part:
+                Image.fromarray(pixels[index]).save(folder / f"{index:04d}.png")
+    try:
+        tmp.rename(root)
+    except OSError:  # another process finished first; its copy is identical
+        shutil.rmtree(tmp)
+    return root

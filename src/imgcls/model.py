@@ -1,0 +1,102 @@
+"""The model: a backbone with a classification head, its loss, metrics and optimizer, as a LightningModule."""
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from imgcls.backbones import create_backbone
+
+MONITOR = "val/acc"  # the metric that picks the best checkpoint
+
+
+class ImageClassifier(L.LightningModule):
+    """Classify images with a torchvision backbone.
+
+    Args:
+        backbone: torchvision model name, e.g. ``resnet18``, ``vit_b_16``, ``convnext_tiny``.
+        num_classes: Number of classes; linked from the data module by the CLI.
+        class_names: Class names in label order; linked from the data module and saved for prediction.
+        preprocess: The data module's evaluation preprocessing; saved so prediction matches validation.
+        label_smoothing: Cross-entropy label smoothing.
+        optimizer: Builds the optimizer from the parameters.
+        lr_scheduler: Builds a scheduler stepped once per epoch; ``None`` uses linear warmup and cosine decay,
+            stepped per batch.
+        warmup_fraction: Share of all training steps spent in warmup by the default schedule.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        num_classes: int = 1000,
+        class_names: list[str] | None = None,
+        preprocess: dict[str, Any] | None = None,
+        label_smoothing: float = 0.0,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        warmup_fraction: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.net: nn.Module | None = None  # built in configure_model, so sharding strategies can wrap it
+
+        def metrics(stage: str) -> MetricCollection:
+            top = {"acc": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
+            if num_classes >= 5:
+                top["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+            return MetricCollection(top, prefix=f"{stage}/")
+
+        # One metric object per stage: sharing one between validation and test would mix their counts.
+        self.train_metrics, self.val_metrics, self.test_metrics = (metrics(s) for s in ("train", "val", "test"))
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            self.net = create_backbone(self.hparams.backbone, self.hparams.num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)  # (B, num_classes) logits
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        images, targets = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
+        metrics = getattr(self, f"{stage}_metrics")
+        metrics.update(logits, targets)
+        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, sync_dist=True, prog_bar=True)
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = self.optimizer(self.parameters())
+        if self.lr_scheduler is not None:
+            scheduler = {"scheduler": self.lr_scheduler(optimizer), "interval": "epoch", "monitor": MONITOR}
+        else:
+            total = self.trainer.estimated_stepping_batches
+            warmup = max(1, round(self.hparams.warmup_fraction * total)) if math.isfinite(total) else 1
+
+            def warmup_cosine(step: int) -> float:
+                if step < warmup:
+                    return (step + 1) / warmup
+                if not math.isfinite(total):
+                    return 1.0
+                return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+            scheduler = {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine), "interval": "step"}
+        return {"optimizer": optimizer, "lr_scheduler": {**scheduler, "name": "lr"}}

@@ -1,0 +1,16 @@
+"""Train an image classifier, then test its best checkpoint.
+
+    python train.py                                              # embedded digits, CPU, a minute
+    python train.py --data.root ~/data/pets --model.backbone resnet50
+    python train.py --trainer.precision=16-mixed                 # mixed precision
+    python train.py --trainer.strategy=ddp --trainer.devices=4   # data parallel, one process per device
+    python train.py --config configs/fsdp.yaml                   # sharded model
+    python train.py --ckpt_path logs/version_0/checkpoints/last.ckpt   # resume
+    python train.py --print_config > my.yaml; python train.py --config my.yaml
+    python train.py --help
+"""
+
+from imgcls.cli import main
+
+if __name__ == "__main__":
+    main()
