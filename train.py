@@ -7,6 +7,7 @@
     python train.py --config configs/fsdp.yaml                   # sharded model
     python train.py --ckpt_path logs/version_0/checkpoints/last.ckpt   # resume
     python train.py --print_config > my.yaml; python train.py --config my.yaml
+    python train.py --inspection.histograms=true                 # weight and gradient histograms in TensorBoard
     python train.py --help
 """
 

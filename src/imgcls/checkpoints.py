@@ -1,7 +1,12 @@
-"""Reading checkpoints safely: any device's checkpoint onto the CPU, tensors and plain data only."""
+"""Reading checkpoints safely: any device's checkpoint onto the CPU, tensors and plain data only.
+
+A checkpoint is a ``.ckpt`` file, or a directory of shards written by a sharded strategy (``fsdp2``, or ``fsdp``
+with ``state_dict_type: sharded``): ``.metadata``, one ``__<rank>_0.distcp`` per rank and Lightning's ``meta.pt``.
+"""
 
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -11,19 +16,97 @@ from imgcls.errors import UserError
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint file onto the CPU with ``weights_only=True``; user mistakes raise ``UserError``."""
+    """Load a checkpoint file or sharded directory onto the CPU, safely; user mistakes raise ``UserError``.
+
+    A sharded directory yields Lightning's metadata and the full ``state_dict`` (not the optimizer states),
+    gathered in this one process with no process group.
+    """
     path = Path(path).expanduser()
+    if path.is_dir():
+        return _load_sharded(path)
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint file")
+    return _torch_load(path)
+
+
+def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         found = re.search(r"GLOBAL (\S+)", str(error))
         if found:  # the pickle asks for a callable: the classic code-execution payload, or a foreign class
-            raise UserError(f"{path}: refused, it asks to import {found[1]}; only tensors and plain data load") from None
+            raise _refusal(path, found[1]) from None
         raise UserError(f"{path}: not a readable PyTorch checkpoint") from None
     except Exception as error:  # torch.load fails on corrupt files with many exception types
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from None
+
+
+def consolidate(shards: str | Path, output: str | Path) -> Path:
+    """Write a sharded checkpoint directory as one ``.ckpt`` file: full weights and metadata, no optimizer state.
+
+    The file loads anywhere a ``.ckpt`` does (``predict.py``, ``ImageClassifier.load_from_checkpoint``).
+    Resume training from the directory itself, at any world size.
+    """
+    shards, output = Path(shards).expanduser(), Path(output).expanduser()
+    if not shards.is_dir():
+        raise UserError(f"{shards}: not a directory of checkpoint shards")
+    checkpoint = _load_sharded(shards)
+    checkpoint.pop("optimizer_states", None)
+    tmp = output.with_name(f".{output.name}.tmp")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, tmp)
+    tmp.replace(output)  # atomic: a crash leaves the old file or the new one, never half of one
+    return output
+
+
+def _load_sharded(path: Path) -> dict[str, Any]:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    if not (path / ".metadata").is_file():
+        raise UserError(f"{path}: a folder without .metadata, so not a sharded checkpoint; pass a .ckpt file or shards")
+
+    class SafeReader(FileSystemReader):
+        """DCP reads ``.metadata`` with plain ``pickle``, which runs any code it names; this reader does not."""
+
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            with open(path / ".metadata", "rb") as file:
+                return _MetadataUnpickler(file, path).load()
+
+    meta = _torch_load(path / "meta.pt") if (path / "meta.pt").is_file() else {}
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "torch.distributed is unavailable")  # one process, on purpose
+            tensors = _load_state_dict_from_keys({"state_dict"}, storage_reader=SafeReader(path))
+    except UserError:
+        raise
+    except Exception as error:  # a missing or truncated shard file, most often
+        raise UserError(f"{path}: incomplete or corrupt sharded checkpoint ({type(error).__name__}: {error})") from None
+    return {**meta, **tensors}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Allows only what DCP metadata holds: its own dataclasses, torch sizes and dtypes, and paths."""
+
+    def __init__(self, file: Any, path: Path) -> None:
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if "." not in name:
+            found = super().find_class(module, name)
+            if module.startswith("torch.distributed.checkpoint.") and isinstance(found, type):
+                return found
+            if (module, name) in {("torch", "Size"), ("torch.serialization", "_get_layout")}:
+                return found
+            if module == "torch" and isinstance(found, torch.dtype) or module == "pathlib" and name.endswith("Path"):
+                return found
+        raise _refusal(self.path / ".metadata", f"{module}.{name}")
+
+
+def _refusal(path: Path, name: str) -> UserError:
+    return UserError(f"{path}: refused, it asks to import {name}; only tensors and plain data load from checkpoints")
+
 
 def latest_checkpoint(logs: str | Path = "logs", name: str = "best.ckpt") -> Path:
     """Return the most recently written ``name`` under ``logs``."""

@@ -1,28 +1,38 @@
-"""The data: any ImageFolder tree on disk, or the embedded digits, as a LightningDataModule."""
+"""The data: any ImageFolder tree on disk, a torchvision dataset, or the embedded digits, as a LightningDataModule."""
 
-import os
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, WeightedRandomSampler
 from torchvision.datasets import ImageFolder
+from torchvision.transforms import v2
 
+from imgcls.datasets import open_torchvision_splits
 from imgcls.digits import write_digits
 from imgcls.errors import UserError
-from imgcls.transforms import IMAGENET_MEAN, IMAGENET_STD, Augment, build_transforms, open_image
+from imgcls.transforms import IMAGENET_MEAN, IMAGENET_STD, Augment, build_batch_mix, build_transforms, open_image
 
 DIGITS_ROOT = Path("data/digits")
+DEFAULT_CROP_SIZE = 224
 
 
 class ImageFolderDataModule(L.LightningDataModule):
-    """Images in class folders: ``root/{train,val[,test]}/<class>/*`` or ``root/<class>/*``.
+    """Images in class folders: ``root/{train,val[,test]}/<class>/*`` or ``root/<class>/*``; or a torchvision dataset.
+
+    Preprocessing left at ``None`` is filled in by the CLI from the backbone's pretrained weights; what is still
+    unset follows ImageNet's convention: a ``DEFAULT_CROP_SIZE`` crop, bilinear, ImageNet mean and std.
 
     Args:
         root: The dataset folder. ``None`` uses the embedded digits, written to ``data/digits`` on first use.
+        dataset: A torchvision dataset class (``CIFAR10``, ``MNIST``, ``Flowers102``, ...) to read from ``root``
+            instead of class folders. Its test split, if any, is the test set.
+        download: Let the torchvision dataset download itself into ``root`` when missing.
         val_fraction: Share of the training images held out for validation when ``root`` has no ``val``
             folder (a seeded split). Without a ``test`` folder, testing uses the validation images.
         batch_size: Images per batch and per device.
@@ -34,41 +44,62 @@ class ImageFolderDataModule(L.LightningDataModule):
         mean: Per-channel normalisation mean (RGB).
         std: Per-channel normalisation standard deviation (RGB).
         interpolation: Resize interpolation (``bilinear``, ``bicubic``, ``nearest``).
-        augment: Training augmentation preset.
-        seed: Seed of the train/val split.
+        augment: Training augmentation preset: ``none``, ``basic`` (random resized crop and flip), ``strong``
+            (``basic`` with TrivialAugment and random erasing).
+        mixup_alpha: MixUp's Beta(alpha, alpha) mixing strength for training batches; 0 disables it.
+        cutmix_alpha: CutMix's strength for training batches; 0 disables it. With both, each batch gets one.
+        mix_prob: Share of training batches that are mixed when MixUp or CutMix is enabled.
+        balanced_sampling: Draw training images so every class is equally frequent (with replacement).
+        seed: Seed of the train/val split and of the training order.
     """
 
     def __init__(
         self,
         root: str | None = None,
+        dataset: str | None = None,
+        download: bool = False,
         val_fraction: float = 0.1,
         batch_size: int = 64,
         num_workers: int | None = None,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
-        crop_size: int = 224,
+        crop_size: int | None = None,
         resize_size: int | None = None,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
-        interpolation: str = "bilinear",
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        interpolation: str | None = None,
         augment: Augment = "basic",
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        mix_prob: float = 1.0,
+        balanced_sampling: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.root = Path(root).expanduser() if root is not None else write_digits(DIGITS_ROOT)
-        if not self.root.is_dir():
-            raise UserError(f"--data.root {self.root}: no such folder; point it at an ImageFolder tree")
-        self.train_dir = self.root / "train" if (self.root / "train").is_dir() else self.root
-        self.class_names = _class_names(self.train_dir)
+        self.sources: dict[str, Dataset] = {}  # splits without transforms; ImageFolder ones are opened in setup
+        if dataset is not None:
+            if root is None:
+                raise UserError(f"--data.dataset {dataset} needs --data.root, the folder that holds its files")
+            self.root = Path(root).expanduser()
+            self.sources = open_torchvision_splits(dataset, self.root, download)
+            self.class_names = [str(name) for name in self.sources["train"].classes]
+        else:
+            self.root = Path(root).expanduser() if root is not None else write_digits(DIGITS_ROOT)
+            if not self.root.is_dir():
+                raise UserError(f"--data.root {self.root}: no such folder; point it at an ImageFolder tree")
+            self.train_dir = self.root / "train" if (self.root / "train").is_dir() else self.root
+            self.class_names = _class_names(self.train_dir)
         self.num_classes = len(self.class_names)
+        crop_size = crop_size or DEFAULT_CROP_SIZE
         self.preprocess = {
             "crop_size": crop_size,
             "resize_size": resize_size or round(crop_size * 8 / 7),
-            "mean": list(mean),
-            "std": list(std),
-            "interpolation": interpolation,
+            "mean": list(mean or IMAGENET_MEAN),
+            "std": list(std or IMAGENET_STD),
+            "interpolation": interpolation or "bilinear",
         }
+        self.mix = build_batch_mix(self.num_classes, mixup_alpha, cutmix_alpha, mix_prob)
         self.datasets: dict[str, Dataset] = {}
 
     def setup(self, stage: str) -> None:
@@ -76,46 +107,70 @@ class ImageFolderDataModule(L.LightningDataModule):
             return
         train_tf = build_transforms(train=True, augment=self.hparams.augment, **self.preprocess)
         eval_tf = build_transforms(train=False, **self.preprocess)
-        val_dir = self.root / "val"
-        if self.train_dir != self.root and val_dir.is_dir():
-            train, val = ImageFolder(self.train_dir, train_tf, loader=open_image), self._folder(val_dir, eval_tf)
+        if self.hparams.dataset is not None:  # torchvision datasets hand over images as stored: MNIST's are gray
+            train_tf, eval_tf = v2.Compose([v2.RGB(), train_tf]), v2.Compose([v2.RGB(), eval_tf])
+        sources = self.sources or self._folders()
+        train, val, test = sources["train"], sources.get("val"), sources.get("test")
+        if val is None:
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.hparams.seed)).tolist()
+            n_val = max(1, round(len(train) * self.hparams.val_fraction))
+            val = Subset(_with_transform(train, eval_tf), order[:n_val])
+            train = Subset(_with_transform(train, train_tf), order[n_val:])
         else:
-            images = ImageFolder(self.train_dir, loader=open_image)
-            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.hparams.seed)).tolist()
-            n_val = max(1, round(len(images) * self.hparams.val_fraction))
-            train = Subset(_with_transform(images, train_tf), order[n_val:])
-            val = Subset(_with_transform(images, eval_tf), order[:n_val])
-        test_dir = self.root / "test"
-        test = self._folder(test_dir, eval_tf) if self.train_dir != self.root and test_dir.is_dir() else val
+            train, val = _with_transform(train, train_tf), _with_transform(val, eval_tf)
+        test = _with_transform(test, eval_tf) if test is not None else val
         self.datasets = {"train": train, "val": val, "test": test}
 
-    def _folder(self, path: Path, transform: Any) -> ImageFolder:
-        found = _class_names(path)
-        if found != self.class_names:
-            raise UserError(f"{path}: its class folders {found} differ from the training classes {self.class_names}")
-        return ImageFolder(path, transform, loader=open_image)
+    def _folders(self) -> dict[str, Dataset]:
+        """The ImageFolder splits: ``train``, and ``val``/``test`` where ``root`` has them beside ``train``."""
+        folders = {"train": ImageFolder(self.train_dir, loader=open_image)}
+        for split in ("val", "test"):
+            path = self.root / split
+            if self.train_dir != self.root and path.is_dir():
+                found = _class_names(path)
+                if found != self.class_names:
+                    raise UserError(
+                        f"{path}: its class folders {found} differ from the training classes {self.class_names}"
+                    )
+                folders[split] = ImageFolder(path, loader=open_image)
+        return folders
 
     def _loader(self, split: str) -> DataLoader:
         workers = self.hparams.num_workers
         if workers is None:
             workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
         pin = self.hparams.pin_memory
-        dataset, sampler = self.datasets[split], None
-        if split != "train" and self.trainer is not None and self.trainer.world_size > 1:
-            # Lightning's default DistributedSampler pads by repeating images, which biases the metrics;
+        dataset = self.datasets[split]
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        if split == "train" and self.hparams.balanced_sampling:
+            # Seeded draws, the same on every rank, which the wrapper then deals out between the ranks.
+            labels = _labels(dataset)
+            weights = (1.0 / torch.bincount(labels, minlength=self.num_classes).clamp(min=1))[labels]
+            seeded = torch.Generator().manual_seed(self.hparams.seed)
+            draws = WeightedRandomSampler(weights.double(), len(labels), generator=seeded)
+            sampler = DistributedSamplerWrapper(draws, num_replicas=world, rank=rank, shuffle=False)
+        elif split == "train":
+            # A seeded DistributedSampler at every world size: the global batches are the same images in the
+            # same order on 1 device or on 8, so a run can move between machines and stay comparable.
+            sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=self.hparams.seed)
+        else:
+            # Lightning's default sampler pads evaluation by repeating images, which biases the metrics;
             # this one gives each rank a disjoint share, and torchmetrics sums the counts exactly.
-            trainer = self.trainer
-            sampler = UnrepeatedDistributedSampler(dataset, trainer.world_size, trainer.global_rank, shuffle=False)
+            sampler = UnrepeatedDistributedSampler(dataset, world, rank, shuffle=False)
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=split == "train",
             sampler=sampler,
             drop_last=split == "train",
             num_workers=workers,
             pin_memory=torch.cuda.is_available() if pin is None else pin,
             persistent_workers=self.hparams.persistent_workers and workers > 0,
         )
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.mix is not None and self.trainer is not None and self.trainer.training:
+            return self.mix(*batch)  # labels (B,) become soft targets (B, num_classes)
+        return batch
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
@@ -134,8 +189,17 @@ def _class_names(folder: Path) -> list[str]:
     return names
 
 
-def _with_transform(images: ImageFolder, transform: Any) -> ImageFolder:
-    """A copy of ``images`` with another transform, without scanning the folder again."""
+def _labels(dataset: Dataset) -> torch.Tensor:
+    """The class index of every sample, from the dataset's ``targets``, without opening images."""
+    base, indices = (dataset.dataset, dataset.indices) if isinstance(dataset, Subset) else (dataset, None)
+    if getattr(base, "targets", None) is None:
+        raise UserError("--data.balanced_sampling: this dataset does not list its labels (no .targets)")
+    targets = torch.as_tensor(base.targets)
+    return targets if indices is None else targets[torch.as_tensor(indices)]
+
+
+def _with_transform(images: Dataset, transform: Any) -> Dataset:
+    """A copy of ``images`` with another transform, without scanning the folder or reading the files again."""
     view = copy.copy(images)
     view.transform = transform
     return view

@@ -30,7 +30,7 @@ def write_digits(root: str | Path) -> Path:
     for label in range(10):
         indices = rng.permutation(np.flatnonzero(digits.target == label))
         bounds = np.cumsum([round(f * len(indices)) for f in SPLITS.values()])[:-1]
-        for split, part in zip(SPLITS, np.split(indices, bounds)):
+        for split, part in zip(SPLITS, np.split(indices, bounds), strict=True):
             folder = tmp / split / str(label)
             folder.mkdir(parents=True, exist_ok=True)
             for index in part:

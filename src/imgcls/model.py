@@ -7,20 +7,32 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from imgcls.backbones import create_backbone
+from imgcls import finetuning
+from imgcls.backbones import Pretrained, architecture_kwargs, create_backbone
 
 MONITOR = "val/acc"  # the metric that picks the best checkpoint
 
 
 class ImageClassifier(L.LightningModule):
-    """Classify images with a torchvision backbone.
+    """Classify images with a torchvision or timm backbone.
 
     Args:
-        backbone: torchvision model name, e.g. ``resnet18``, ``vit_b_16``, ``convnext_tiny``.
+        backbone: torchvision model name, e.g. ``resnet18``, ``vit_b_16``, ``convnext_tiny``, or ``timm/<name>``.
+        backbone_kwargs: Extra arguments for the backbone's builder, e.g. ``{dropout: 0.0}``.
+        pretrained: Starting weights: ``false``, ``true`` (the default weights), a torchvision weights name such
+            as ``IMAGENET1K_V2``, or a file (``.pth``, ``.pt``, ``.ckpt``, ``.safetensors``) loaded partially:
+            every tensor whose name and shape match. Left out of the checkpoint's hyperparameters (config.yaml
+            has it), so loading a checkpoint never reads the starting weights again.
+        pretrained_prefix: Stripped from the file's tensor names, besides ``module.``, ``model.``, ``backbone.``,
+            ``net.``, ``_orig_mod.`` and ``_forward_module.``.
+        pretrained_strict: Fail if a tensor outside the head does not fit, instead of skipping it.
+        freeze_backbone: Train only the head; the backbone's BatchNorm layers keep their running statistics.
+        backbone_lr_scale: The backbone's learning rate as a multiple of the head's (the optimizer's).
         num_classes: Number of classes; linked from the data module by the CLI.
         class_names: Class names in label order; linked from the data module and saved for prediction.
         preprocess: The data module's evaluation preprocessing; saved so prediction matches validation.
@@ -34,6 +46,12 @@ class ImageClassifier(L.LightningModule):
     def __init__(
         self,
         backbone: str = "resnet18",
+        backbone_kwargs: dict[str, Any] | None = None,
+        pretrained: Pretrained = False,
+        pretrained_prefix: str | None = None,
+        pretrained_strict: bool = False,
+        freeze_backbone: bool = False,
+        backbone_lr_scale: float = 1.0,
         num_classes: int = 1000,
         class_names: list[str] | None = None,
         preprocess: dict[str, Any] | None = None,
@@ -43,7 +61,12 @@ class ImageClassifier(L.LightningModule):
         warmup_fraction: float = 0.1,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "pretrained"])
+        self.pretrained = pretrained
+        # Weights that change the network (ViT SWAG: 384-pixel position embeddings) are recorded with it, so the
+        # checkpoint rebuilds the same network without them (imgcls.inference).
+        self.hparams.backbone_kwargs = {**architecture_kwargs(backbone, pretrained), **(backbone_kwargs or {})}
+        self.backbone_kwargs = self.hparams.backbone_kwargs
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.net: nn.Module | None = None  # built in configure_model, so sharding strategies can wrap it
@@ -59,32 +82,47 @@ class ImageClassifier(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.net is None:
-            self.net = create_backbone(self.hparams.backbone, self.hparams.num_classes)
+            hp = self.hparams
+            self.net = create_backbone(
+                hp.backbone, hp.num_classes, self.pretrained, prefix=hp.pretrained_prefix, strict=hp.pretrained_strict,
+                report=rank_zero_info, **self.backbone_kwargs,
+            )  # fmt: skip
+            if hp.freeze_backbone:
+                finetuning.freeze_backbone(self.net)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)  # (B, num_classes) logits
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> dict[str, torch.Tensor]:
         images, targets = batch
         logits = self(images)
+        # targets: class indices (B,), or class probabilities (B, num_classes) from MixUp / CutMix
         loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
         metrics = getattr(self, f"{stage}_metrics")
-        metrics.update(logits, targets)
+        metrics.update(logits, targets.argmax(dim=1) if targets.ndim == 2 else targets)
         self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, sync_dist=True, prog_bar=True)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=True)
-        return loss
+        return {"loss": loss, "logits": logits.detach()}  # callbacks get them as `outputs` (imgcls.figures)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         return self._step(batch, "train")
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._step(batch, "val")
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._step(batch, "test")
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer(self.parameters())
+        scale = self.hparams.backbone_lr_scale
+        if scale == 1:
+            optimizer = self.optimizer(self.parameters())
+        else:
+            backbone = finetuning.backbone_parameters(self.net)
+            in_backbone = {id(p) for p in backbone}
+            head = [p for p in self.parameters() if id(p) not in in_backbone]
+            optimizer = self.optimizer([{"params": backbone, "name": "backbone"}, {"params": head, "name": "head"}])
+            optimizer.param_groups[0]["lr"] *= scale  # before the scheduler records each group's initial_lr
         if self.lr_scheduler is not None:
             scheduler = {"scheduler": self.lr_scheduler(optimizer), "interval": "epoch", "monitor": MONITOR}
         else:

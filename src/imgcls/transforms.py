@@ -9,7 +9,7 @@ from torchvision.transforms import InterpolationMode, v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-Augment = Literal["none", "basic"]
+Augment = Literal["none", "basic", "strong"]
 
 
 def build_transforms(
@@ -25,21 +25,39 @@ def build_transforms(
 
     Evaluation resizes the short side to ``resize_size`` and center-crops ``crop_size``, as torchvision's
     weights do. ``augment`` applies to training only: ``none`` is the eval pipeline, ``basic`` a random
-    resized crop and a horizontal flip.
+    resized crop and a horizontal flip, ``strong`` adds TrivialAugment and random erasing.
     """
     mode = InterpolationMode(interpolation)
-    if train and augment == "basic":
+    if train and augment != "none":
         geometry = [v2.RandomResizedCrop(crop_size, interpolation=mode), v2.RandomHorizontalFlip()]
     else:
         geometry = [v2.Resize(resize_size, interpolation=mode), v2.CenterCrop(crop_size)]
+    # One random operation per image, at a random strength (TrivialAugment, https://arxiv.org/abs/2103.10158),
+    # then erasing a patch: the pairing torchvision's classification training recipes use.
+    strong = train and augment == "strong"
     return v2.Compose(
         [
             v2.ToImage(),
             *geometry,
+            *([v2.TrivialAugmentWide(interpolation=mode)] if strong else []),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(mean, std),
+            *([v2.RandomErasing(p=0.25)] if strong else []),
         ]
     )
+
+
+def build_batch_mix(
+    num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, p: float = 1.0
+) -> v2.Transform | None:
+    """MixUp and/or CutMix for a batch ``(images, labels)``, applied with probability ``p``; ``None`` for neither.
+
+    A mixed batch comes back with soft targets ``(B, num_classes)`` whose rows sum to 1; with both alphas set,
+    each mixed batch gets one of the two at random.
+    """
+    mixes = [v2.MixUp(alpha=mixup_alpha, num_classes=num_classes)] if mixup_alpha > 0 else []
+    mixes += [v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes)] if cutmix_alpha > 0 else []
+    return v2.RandomApply([v2.RandomChoice(mixes)], p=p) if mixes else None
 
 
 def open_image(path: str | Path) -> Image.Image:

@@ -1,0 +1,100 @@
+"""GPU-only checks with timings: mixed precisions, and FSDP + CPU offload + activation checkpointing training a
+model whose parameters, gradients and Adam states exceed the GPU's memory. Prints one table row per run."""
+
+import math
+import os
+import time
+
+import torch
+import torchvision
+
+from imgcls.cli import main
+from imgcls.model import ImageClassifier
+
+QUICK = [
+    "--trainer.enable_progress_bar=false",
+    "--trainer.limit_val_batches=2",
+    "--trainer.limit_test_batches=2",
+    "--trainer.logger=false",
+    "--checkpoint.save_last=false",
+    "--trainer.enable_checkpointing=false",
+]
+
+
+class WideViT(ImageClassifier):
+    """A ViT whose width and depth are set from the GPU's memory, for the too-large-for-one-GPU check."""
+
+    layers = 1
+    width = 4096
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            self.net = torchvision.models.VisionTransformer(
+                image_size=224,
+                patch_size=16,
+                num_layers=self.layers,
+                num_heads=32,
+                hidden_dim=self.width,
+                mlp_dim=4 * self.width,
+                num_classes=self.hparams.num_classes,
+            )
+
+
+def timed(name: str, args: list[str], model_class: type[ImageClassifier] = ImageClassifier) -> None:
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    cli = main([*QUICK, *args], model_class)
+    seconds = time.perf_counter() - start
+    trainer = cli.trainer
+    images = trainer.global_step * cli.datamodule.hparams.batch_size
+    params = sum(p.numel() for p in cli.model.parameters())
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    acc = float(trainer.callback_metrics.get("test/acc", float("nan")))
+    print(f"| {name} | {params / 1e6:,.0f} M | {images / seconds:,.0f} | {peak:.1f} | {acc:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    gpu = torch.cuda.get_device_properties(0)
+    print(f"\n{gpu.name}, {gpu.total_memory / 2**30:.0f} GiB\n")
+    print("| run | params | images/s (incl. startup) | peak GPU GiB | test acc |\n|---|---|---|---|---|", flush=True)
+    resnet50 = [
+        "--model.backbone=resnet50",
+        "--data.crop_size=224",
+        "--data.resize_size=224",
+        "--data.batch_size=128",
+        "--trainer.max_epochs=2",
+        f"--data.num_workers={min(8, os.cpu_count())}",
+    ]
+    for precision in ("32-true", "16-mixed", "bf16-mixed"):
+        timed(f"resnet50 {precision}", [*resnet50, f"--trainer.precision={precision}"])
+    timed(
+        "resnet50 bf16-mixed fsdp (1 GPU)", [*resnet50, "--trainer.precision=bf16-mixed", "--config=configs/fsdp.yaml"]
+    )
+
+    # 16 bytes per parameter (fp32 weights, gradients, two Adam moments); 12 d^2 parameters per ViT layer.
+    WideViT.layers = math.ceil(1.1 * gpu.total_memory / 16 / (12 * WideViT.width**2))
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    need = 16 * 12 * WideViT.width**2 * WideViT.layers * 1.2
+    if need > host:
+        print(
+            f"\nskipped the offload check: it needs ~{need / 2**30:.0f} GiB of host memory, this host has "
+            f"{host / 2**30:.0f} GiB"
+        )
+    else:
+        timed(
+            f"ViT {WideViT.layers}x{WideViT.width} fsdp offload+checkpointing",
+            [
+                "--config=configs/fsdp.yaml",
+                "--config=configs/fsdp_offload.yaml",
+                "--config=configs/fsdp_checkpointing.yaml",
+                "--trainer.precision=bf16-mixed",
+                "--data.crop_size=224",
+                "--data.resize_size=224",
+                "--data.batch_size=8",
+                "--trainer.max_steps=3",
+                "--trainer.limit_val_batches=1",
+                "--trainer.limit_test_batches=1",
+                "--data.num_workers=4",
+            ],
+            WideViT,
+        )

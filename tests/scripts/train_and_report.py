@@ -1,0 +1,56 @@
+"""train.py plus a per-rank report, for the multi-process tests: run it exactly like train.py.
+
+At the end of training each rank writes ``report_rank<R>.json`` in the working directory: the bytes of
+parameters, gradients and optimizer states it holds (local shards only), the sums of the full weights, and
+the live model's top-1 class for every 27th test image.
+"""
+
+import json
+import sys
+
+import lightning as L
+import torch
+from torch.distributed.tensor import DTensor
+
+from imgcls.cli import main
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _nbytes(tensors: list[torch.Tensor]) -> int:
+    return sum(_local(t).numel() * _local(t).element_size() for t in tensors)
+
+
+class Report(L.Callback):
+    grads = 0
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: object) -> None:
+        # Gradients exist only between backward and the optimizer's zero_grad: count them here.
+        self.grads = _nbytes([p.grad for p in pl_module.parameters() if p.grad is not None])
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        params = list(pl_module.parameters())
+        states = [v for s in trainer.optimizers[0].state.values() for v in s.values() if torch.is_tensor(v) and v.ndim]
+        # full_tensor() is a collective under FSDP2: every rank calls it, then each compares its own copy
+        full = [p.full_tensor() if isinstance(p, DTensor) else p for p in params]
+        test = trainer.datamodule.datasets["test"]
+        images = torch.stack([test[i][0] for i in range(0, len(test), 27)])  # every 27th held-out image
+        pl_module.eval()
+        with torch.no_grad():
+            top1 = pl_module(images).argmax(1).tolist()  # a collective under FSDP2: every rank runs it
+        pl_module.train()
+        report = {
+            "top1": [pl_module.hparams.class_names[i] for i in top1],
+            "params": _nbytes(params),
+            "grads": self.grads,
+            "optimizer": _nbytes(states),
+            "weights": [t.detach().double().sum().item() for t in full],
+        }
+        with open(f"report_rank{trainer.global_rank}.json", "w") as file:
+            json.dump(report, file)
+
+
+if __name__ == "__main__":
+    main([*sys.argv[1:], "--trainer.callbacks+=train_and_report.Report"])

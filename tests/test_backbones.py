@@ -1,0 +1,103 @@
+"""Backbones by name: each torchvision family and timm, a head sized to the classes, the weights' preprocessing."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from conftest import QUICK
+from PIL import Image
+from torch import nn
+
+from imgcls.backbones import available_backbones, create_backbone, head_names, weights_preprocess
+from imgcls.errors import UserError
+from imgcls.transforms import build_transforms
+
+# The smallest model of each torchvision family; the head sits somewhere else in nearly every family.
+FAMILIES = [
+    "alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "efficientnet_v2_s", "googlenet", "inception_v3",
+    "maxvit_t", "mnasnet0_5", "mobilenet_v2", "mobilenet_v3_small", "regnet_y_400mf", "resnet18", "resnext50_32x4d",
+    "shufflenet_v2_x0_5", "squeezenet1_0", "swin_t", "swin_v2_t", "vgg11", "vit_b_16", "wide_resnet50_2",
+]  # fmt: skip
+
+
+def family(name: str) -> str:
+    return re.sub(r"[\d_].*", "", name)  # efficientnet_v2_s -> efficientnet
+
+
+def test_the_sample_covers_every_torchvision_family() -> None:
+    assert {family(name) for name in available_backbones()} == {family(name) for name in FAMILIES}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_family_gets_a_head_sized_to_the_classes(name: str) -> None:
+    # On the meta device: shapes without memory. RegNet's builder computes its widths with tensors, so it is real.
+    with torch.device("cpu" if name.startswith("regnet") else "meta"):
+        net = create_backbone(name, 7)
+    (head,) = head_names(net)
+    layer = net.get_submodule(head)
+    assert (layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels) == 7
+
+
+@pytest.mark.parametrize(("name", "weights"), [("resnet50", "IMAGENET1K_V2"), ("vit_b_16", "IMAGENET1K_SWAG_E2E_V1")])
+def test_preprocessing_matches_the_torchvision_weights_transforms(name: str, weights: str) -> None:
+    ours = build_transforms(train=False, **weights_preprocess(name, weights))
+    theirs = torchvision.models.get_model_weights(name)[weights].transforms()  # PIL resize, bicubic for SWAG
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    a, b = ours(image), theirs(image)
+    assert a.shape == b.shape
+    assert (a - b).abs().mean() < 1e-3 and (a - b).abs().max() < 0.02  # at most one level of 255 apart
+
+
+def test_weights_that_change_the_network_are_recorded_to_rebuild_it() -> None:
+    from imgcls.model import ImageClassifier
+
+    model = ImageClassifier("vit_b_16", pretrained="IMAGENET1K_SWAG_E2E_V1", num_classes=3)
+    assert model.hparams.backbone_kwargs == {"image_size": 384}  # SWAG weights: 384-pixel position embeddings
+    with torch.device("meta"):
+        net = create_backbone("vit_b_16", 3, **model.hparams.backbone_kwargs)  # as imgcls.inference rebuilds it
+    assert net.encoder.pos_embedding.shape == (1, (384 // 16) ** 2 + 1, 768)
+
+
+@pytest.mark.parametrize(
+    ("name", "pretrained", "message"),
+    [
+        ("resnet19", False, "--model.backbone 'resnet19' is not a torchvision classification model; did you mean"),
+        ("resnet18", "IMAGENET1K_V9", "resnet18 has the weights IMAGENET1K_V1 (true: the default)"),
+        ("resnet18", "weights/missing.pth", "--model.pretrained weights/missing.pth: no such file"),
+    ],
+)
+def test_wrong_names_fail_with_one_clear_line(name: str, pretrained: bool | str, message: str) -> None:
+    with pytest.raises(UserError) as error:
+        create_backbone(name, 3, pretrained)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_timm_names_and_preprocessing() -> None:
+    timm = pytest.importorskip("timm", reason="timm is not installed: pip install -e '.[timm]' (CI installs it)")
+    with pytest.raises(UserError, match=r"is not a timm model; did you mean timm/resnet50"):
+        create_backbone("timm/resnet5O", 3)
+    with pytest.raises(UserError, match=r"timm has no such weights; it has e.g. timm/resnet50.a1_in1k"):
+        weights_preprocess("timm/resnet50.nope", True)
+    cfg = timm.data.resolve_data_config(pretrained_cfg=timm.models.get_pretrained_cfg("resnet50.a1_in1k").to_dict())
+    theirs = timm.data.create_transform(**cfg)  # timm's own evaluation transform: bicubic, crop_pct 0.95
+    ours = build_transforms(train=False, **weights_preprocess("timm/resnet50.a1_in1k", True))
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (240, 320, 3), dtype=np.uint8))
+    a, b = ours(image), theirs(image)
+    assert a.shape == b.shape == (3, 224, 224) and (a - b).abs().mean() < 1e-3
+
+
+@pytest.mark.slow
+def test_timm_backbone_trains_a_step_and_predicts(in_tmp: Path) -> None:
+    pytest.importorskip("timm", reason="timm is not installed: pip install -e '.[timm]' (CI installs it)")
+    from imgcls.cli import main
+    from imgcls.inference import Predictor
+    from imgcls.transforms import open_image
+
+    cli = main([*QUICK, "--model.backbone=timm/test_resnet", "--trainer.limit_train_batches=1"])
+    assert cli.trainer.global_step == 1 and torch.isfinite(cli.trainer.callback_metrics["test/loss"])
+    predictor = Predictor(cli.trainer.checkpoint_callback.best_model_path)  # rebuilds timm/test_resnet by name
+    image = open_image(next((in_tmp / "data" / "digits" / "test" / "3").iterdir()))
+    assert [len(p) for p in predictor([image], topk=3)] == [3]
