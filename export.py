@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     batches = [*inputs.split(CHECK_BATCH), inputs[:1]]
     differences = max_differences(predictor, written, batches)
     arch, num_classes = predictor.spec.arch, len(predictor.class_names)
-    print(f"{written['state_dict']}  for torchvision.models.get_model({arch!r}, num_classes={num_classes})")
-    print(f"{written['manifest']}  architecture, class names, preprocessing")
+    print(f"{written['state_dict']}  the weights of a {num_classes}-class {arch}")
+    print(f"{written['manifest']}  how to build it, class names, preprocessing")
     sizes = ", ".join(str(n) for n in sorted({len(batch) for batch in batches}, reverse=True))
     for fmt, difference in differences.items():
         print(f"{written[fmt]}  max |Δlogits| {difference:.1e} against PyTorch on {what} (batches of {sizes})")

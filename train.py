@@ -5,7 +5,7 @@
     python train.py --trainer.precision=16-mixed                 # mixed precision
     python train.py --trainer.strategy=ddp --trainer.devices=4   # data parallel, one process per device
     python train.py --config configs/fsdp.yaml                   # sharded model
-    python train.py --ckpt_path logs/version_0/checkpoints/last.ckpt   # resume
+    python train.py --ckpt_path last                             # resume the newest run (auto: or start one)
     python train.py --print_config > my.yaml; python train.py --config my.yaml
     python train.py --inspection.histograms=true                 # weight and gradient histograms in TensorBoard
     python train.py --help

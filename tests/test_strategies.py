@@ -213,6 +213,28 @@ def test_bare_fsdp_flag_wraps_each_block(precision: str, units: int) -> None:
     assert names.count("BasicBlock") == 8 and names[0] == "ResNet" and len(names) == units
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    ("strategy", "precision"), [("fsdp2", "bf16-true"), ("fsdp2", "16-mixed"), ("ddp", "bf16-true")]
+)
+def test_precisions_train_under_each_strategy(tmp_path: Path, strategy: str, precision: str) -> None:
+    result = run(
+        "train.py",
+        f"--trainer.strategy={strategy}",
+        f"--trainer.precision={precision}",
+        *PARITY,
+        "--model.backbone=resnet18",
+        "--model.backbone_kwargs=null",
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=3",
+        "--trainer.devices=2",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test/loss" in result.stdout
+
+
 def test_fsdp_on_a_cpu_is_a_one_line_error(tmp_path: Path) -> None:
     result = run("train.py", "--trainer.strategy=fsdp", "--trainer.accelerator=cpu", cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr

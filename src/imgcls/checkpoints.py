@@ -29,9 +29,26 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return _torch_load(path)
 
 
-def _torch_load(path: Path) -> Any:
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's hyperparameters, epoch, step and the like, checked as ``load_checkpoint`` does, tensors unread.
+
+    A file is memory-mapped, so its tensors cost nothing; a sharded directory gives its ``meta.pt``, once its
+    ``.metadata`` has passed the safe unpickler (DCP itself would unpickle it with plain ``pickle``).
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        if not (path / ".metadata").is_file():
+            raise UserError(f"{path}: a folder without .metadata, so not a sharded checkpoint (or one half written)")
+        _read_dcp_metadata(path)
+        return _torch_load(path / "meta.pt") if (path / "meta.pt").is_file() else {}
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint file")
+    return _torch_load(path, mmap=True)
+
+
+def _torch_load(path: Path, mmap: bool = False) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         found = re.search(r"GLOBAL (\S+)", str(error))
         if found:  # the pickle asks for a callable: the classic code-execution payload, or a foreign class
@@ -70,8 +87,7 @@ def _load_sharded(path: Path) -> dict[str, Any]:
         """DCP reads ``.metadata`` with plain ``pickle``, which runs any code it names; this reader does not."""
 
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            with open(path / ".metadata", "rb") as file:
-                return _MetadataUnpickler(file, path).load()
+            return _read_dcp_metadata(path)
 
     meta = _torch_load(path / "meta.pt") if (path / "meta.pt").is_file() else {}
     try:
@@ -83,6 +99,11 @@ def _load_sharded(path: Path) -> dict[str, Any]:
     except Exception as error:  # a missing or truncated shard file, most often
         raise UserError(f"{path}: incomplete or corrupt sharded checkpoint ({type(error).__name__}: {error})") from None
     return {**meta, **tensors}
+
+
+def _read_dcp_metadata(path: Path) -> Any:
+    with open(path / ".metadata", "rb") as file:
+        return _MetadataUnpickler(file, path).load()
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -109,8 +130,12 @@ def _refusal(path: Path, name: str) -> UserError:
 
 
 def latest_checkpoint(logs: str | Path = "logs", name: str = "best.ckpt") -> Path:
-    """Return the most recently written ``name`` under ``logs``."""
-    found = sorted(Path(logs).glob(f"**/{name}"), key=lambda p: p.stat().st_mtime)
+    """Return the most recently written ``name`` under ``logs``: a file, or a sharded folder that has its ``.metadata``.
+
+    DCP writes ``.metadata`` last, so a sharded folder without it is one whose writing was cut off.
+    """
+    found = [path for path in Path(logs).glob(f"**/{name}") if path.is_file() or (path / ".metadata").is_file()]
+    found.sort(key=lambda path: (path / ".metadata" if path.is_dir() else path).stat().st_mtime)
     if not found:
         raise UserError(f"no {name} under {Path(logs).resolve()}; train first (python train.py) or pass --checkpoint")
     return found[-1]

@@ -1,11 +1,14 @@
 """The training command line: LightningCLI without subcommands, then fit and test the best checkpoint."""
 
+import signal
 import sys
 from pathlib import Path
+from typing import Any, NoReturn
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from imgcls.backbones import weights_preprocess
 from imgcls.dashboard import SaveConfigAndHparams
@@ -13,6 +16,10 @@ from imgcls.data import ImageFolderDataModule
 from imgcls.errors import UserError
 from imgcls.inspection import ParameterInspector
 from imgcls.model import MONITOR, ImageClassifier
+from imgcls.numerics import NonFiniteLoss
+from imgcls.plan import Plan
+from imgcls.plan_cli import AUTO_FIT, PlanOptions, auto_fit, format_plan, plan_run
+from imgcls.resume import CrashSafeCheckpoints, check_resumable, resolve_ckpt_path
 from imgcls.strategies import register_strategies
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
@@ -20,13 +27,22 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml
 
 class TrainCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--ckpt_path", type=str | None, default=None, help="Checkpoint to resume training from.")
+        parser.add_argument(
+            "--ckpt_path",
+            type=str | None,
+            default=None,
+            help="Checkpoint to resume training from: a file, a sharded folder, 'last' (the newest last.ckpt of the "
+            "earlier runs) or 'auto' (that one if there is one, else a new run).",
+        )
+        parser.add_argument("--debug", action="store_true", help="Show the traceback of an error, not one line.")
         for key in ("num_classes", "class_names", "preprocess"):
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.monitor": MONITOR, "checkpoint.mode": "max"})
         parser.set_defaults({"checkpoint.filename": "best", "checkpoint.save_last": True})
         parser.add_lightning_class_args(ParameterInspector, "inspection")  # --inspection.histograms=true etc.
+        parser.add_lightning_class_args(NonFiniteLoss, "nonfinite_loss")  # --nonfinite_loss.action=skip
+        parser.add_class_arguments(PlanOptions, "plan")  # --plan: the memory each strategy needs, no training
 
     def before_instantiate_classes(self) -> None:
         # Preprocessing the config leaves unset comes from the pretrained weights (torchvision's weights.transforms(),
@@ -36,10 +52,32 @@ class TrainCLI(LightningCLI):
             if data[key] is None:
                 data[key] = value
 
+    plan: Plan | None = None
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        # A bare --plan turns planning on; its settings are --plan.device_memory and --plan.headroom.
+        argv = sys.argv[1:] if args is None else args
+        if isinstance(argv, list) and "--plan" in argv:
+            self.config = parser.parse_args(["--plan.enabled=true" if arg == "--plan" else arg for arg in argv])
+        else:
+            super().parse_arguments(parser, args)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer | None:
+        # The plan needs the model's and data's settings (linked at instantiation) but no Trainer, which would
+        # start processes and refuse GPU-only strategies on this machine.
+        options, trainer = self.config_init.plan, self.config.trainer
+        if options.enabled or trainer.strategy == AUTO_FIT:
+            self.plan = plan_run(self.model, self.datamodule, trainer, options)
+            if options.enabled:
+                return None
+            trainer.strategy = kwargs["strategy"] = auto_fit(self.plan)  # config.yaml records the choice
+        return super().instantiate_trainer(**kwargs)
+
 
 def main(args: list[str] | None = None, model_class: type[ImageClassifier] = ImageClassifier) -> TrainCLI:
     """Parse the command line (or ``args``), train, then test the best checkpoint."""
     register_strategies()  # --trainer.strategy=fsdp / fsdp2 shard block by block
+    debug = "--debug" in (sys.argv[1:] if args is None else args)  # known before parsing, whose errors it shows
     try:
         cli = TrainCLI(
             model_class,
@@ -49,21 +87,40 @@ def main(args: list[str] | None = None, model_class: type[ImageClassifier] = Ima
             seed_everything_default=42,
             save_config_callback=SaveConfigAndHparams,  # config.yaml, and the config and hparams in TensorBoard
             save_config_kwargs={"overwrite": True},
+            trainer_defaults={"callbacks": [CrashSafeCheckpoints()]},  # atomic writes, last.ckpt on SIGTERM
             parser_kwargs={"default_config_files": [str(DEFAULT_CONFIG)] if DEFAULT_CONFIG.exists() else []},
             args=args,
         )
     except (UserError, MisconfigurationException, ValueError) as error:  # Lightning rejects a configuration
-        sys.exit(f"error: {' '.join(str(error).split())}")
+        _exit(error, debug)
+    if cli.plan is not None and cli.trainer is None:  # --plan
+        print(format_plan(cli.plan))
+        return cli
     trainer = cli.trainer
     try:
-        trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+        ckpt_path = resolve_ckpt_path(cli.config.ckpt_path, trainer)
+        if ckpt_path is not None:
+            check_resumable(ckpt_path, cli.model.hparams)
+        trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
         best = trainer.checkpoint_callback.best_model_path
-        trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best or None)
-    except UserError as error:
-        sys.exit(f"error: {error}")
+        trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best or None, weights_only=True)
+    except (UserError, MisconfigurationException) as error:  # Lightning refuses some settings only when fitting
+        _exit(error, debug)
+    except SIGTERMException:  # a scheduler preempts the job; CrashSafeCheckpoints has saved last.ckpt
+        if debug:
+            raise
+        print(f"stopped by SIGTERM at step {trainer.global_step}; resume with --ckpt_path last", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)  # the shell's status for a process ended by SIGTERM
     log_dir = Path(trainer.log_dir or ".")  # a collective call under DDP: every rank asks
     if trainer.is_global_zero:
         print(f"checkpoints: {trainer.checkpoint_callback.dirpath}  (best: {best})")
         print(f"config:      {log_dir / 'config.yaml'}")
         print(f"tensorboard: tensorboard --logdir {log_dir}")
     return cli
+
+
+def _exit(error: BaseException, debug: bool) -> NoReturn:
+    """Exit with ``error`` as one line, ``error: ...``; with ``--debug``, raise it with its traceback instead."""
+    if debug:
+        raise error
+    sys.exit(f"error: {' '.join(str(error).split())}")

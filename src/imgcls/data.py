@@ -2,23 +2,24 @@
 
 import copy
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, WeightedRandomSampler
-from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
 from imgcls.datasets import open_torchvision_splits
 from imgcls.digits import write_digits
 from imgcls.errors import UserError
-from imgcls.transforms import IMAGENET_MEAN, IMAGENET_STD, Augment, build_batch_mix, build_transforms, open_image
+from imgcls.imagecheck import CheckImages, ImageFiles, OnBadImage, check_splits, collate, raise_if_bad
+from imgcls.transforms import IMAGENET_MEAN, IMAGENET_STD, Augment, build_batch_mix, build_transforms
 
 DIGITS_ROOT = Path("data/digits")
+IGNORE_INDEX = -100  # the label of padding: cross_entropy's default ignore_index, and the metrics' too
 DEFAULT_CROP_SIZE = 224
 
 
@@ -51,6 +52,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         mix_prob: Share of training batches that are mixed when MixUp or CutMix is enabled.
         balanced_sampling: Draw training images so every class is equally frequent (with replacement).
         seed: Seed of the train/val split and of the training order.
+        check_images: What setup reads of every image file in class folders: ``header`` (fast: finds empty,
+            non-image and broken files and decompression bombs), ``full`` (decodes each: also finds truncated
+            files; slow for large datasets) or ``none``. Files that fail later are caught while loading.
+        on_bad_image: ``error`` stops with the paths of unreadable images; ``skip`` leaves them out, with a warning.
     """
 
     def __init__(
@@ -74,6 +79,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         mix_prob: float = 1.0,
         balanced_sampling: bool = False,
         seed: int = 0,
+        check_images: CheckImages = "header",
+        on_bad_image: OnBadImage = "error",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -90,6 +97,11 @@ class ImageFolderDataModule(L.LightningDataModule):
                 raise UserError(f"--data.root {self.root}: no such folder; point it at an ImageFolder tree")
             self.train_dir = self.root / "train" if (self.root / "train").is_dir() else self.root
             self.class_names = _class_names(self.train_dir)
+            if len(self.class_names) == 1:
+                raise UserError(
+                    f"{self.train_dir}: a single class folder, {self.train_dir / self.class_names[0]}; a classifier "
+                    f"needs two or more, so put each class's images in a folder of its own under {self.train_dir}"
+                )
         self.num_classes = len(self.class_names)
         crop_size = crop_size or DEFAULT_CROP_SIZE
         self.preprocess = {
@@ -123,22 +135,32 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def _folders(self) -> dict[str, Dataset]:
         """The ImageFolder splits: ``train``, and ``val``/``test`` where ``root`` has them beside ``train``."""
-        folders = {"train": ImageFolder(self.train_dir, loader=open_image)}
+        folders = {"train": ImageFiles(self.train_dir)}
         for split in ("val", "test"):
             path = self.root / split
             if self.train_dir != self.root and path.is_dir():
                 found = _class_names(path)
                 if found != self.class_names:
+                    missing = [str(self.train_dir / name) for name in self.class_names if name not in found]
+                    extra = [str(path / name) for name in found if name not in self.class_names]
+                    differences = [f"no {path.name} folder for {', '.join(missing)}"] if missing else []
+                    differences += [f"{', '.join(extra)} not in {self.train_dir}"] if extra else []
                     raise UserError(
-                        f"{path}: its class folders {found} differ from the training classes {self.class_names}"
+                        f"{path}: its class folders differ from the training classes ({'; '.join(differences)}); "
+                        f"give {path} the same class folders as {self.train_dir}"
                     )
-                folders[split] = ImageFolder(path, loader=open_image)
+                folders[split] = ImageFiles(path)
+        check_splits(folders, self.hparams.check_images, self.hparams.on_bad_image, self._workers())
         return folders
 
-    def _loader(self, split: str) -> DataLoader:
+    def _workers(self) -> int:
         workers = self.hparams.num_workers
         if workers is None:
             workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
+        return workers
+
+    def _loader(self, split: str) -> DataLoader:
+        workers = self._workers()
         pin = self.hparams.pin_memory
         dataset = self.datasets[split]
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
@@ -154,9 +176,11 @@ class ImageFolderDataModule(L.LightningDataModule):
             # same order on 1 device or on 8, so a run can move between machines and stay comparable.
             sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=self.hparams.seed)
         else:
-            # Lightning's default sampler pads evaluation by repeating images, which biases the metrics;
-            # this one gives each rank a disjoint share, and torchmetrics sums the counts exactly.
-            sampler = UnrepeatedDistributedSampler(dataset, world, rank, shuffle=False)
+            # Lightning's default sampler pads evaluation by repeating images, which biases the metrics. Here the
+            # padding is labelled IGNORE_INDEX, so loss and metrics skip it, and every rank still runs the same
+            # number of batches, which sharded models need: each forward is a collective.
+            dataset = PaddedForRanks(dataset, world)
+            sampler = DistributedSampler(dataset, world, rank, shuffle=False)
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
@@ -165,7 +189,11 @@ class ImageFolderDataModule(L.LightningDataModule):
             num_workers=workers,
             pin_memory=torch.cuda.is_available() if pin is None else pin,
             persistent_workers=self.hparams.persistent_workers and workers > 0,
+            collate_fn=partial(collate, on_bad=self.hparams.on_bad_image),  # unreadable images: see imgcls.imagecheck
         )
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return raise_if_bad(batch)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.mix is not None and self.trainer is not None and self.trainer.training:
@@ -187,6 +215,22 @@ def _class_names(folder: Path) -> list[str]:
     if not names:
         raise UserError(f"{folder}: no class folders; put images in {folder}/<class name>/")
     return names
+
+
+class PaddedForRanks(Dataset):
+    """``dataset`` padded to a multiple of ``world`` with copies of its first image labelled ``IGNORE_INDEX``."""
+
+    def __init__(self, dataset: Dataset, world: int) -> None:
+        self.dataset, self.size = dataset, len(dataset)
+        self.padded = -(-self.size // world) * world
+
+    def __len__(self) -> int:
+        return self.padded
+
+    def __getitem__(self, index: int) -> Any:
+        if index < self.size:
+            return self.dataset[index]
+        return self.dataset[0][0], IGNORE_INDEX
 
 
 def _labels(dataset: Dataset) -> torch.Tensor:

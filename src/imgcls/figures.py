@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import Callback
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from imgcls.dashboard import tensorboard
+from imgcls.data import IGNORE_INDEX
 from imgcls.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 if TYPE_CHECKING:
@@ -88,6 +89,8 @@ class PredictionFigures(Callback):
         self._right: list[Sample] = []
 
     def _update(self, trainer: L.Trainer, logits: torch.Tensor, images: torch.Tensor, targets: torch.Tensor) -> None:
+        real = targets != IGNORE_INDEX  # drop the padding that evenly split evaluation on several devices
+        logits, images, targets = logits[real], images[real], targets[real]
         if self.confusion_matrix:
             self._matrix.update(logits, targets)
         if not trainer.is_global_zero:

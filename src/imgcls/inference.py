@@ -28,7 +28,8 @@ def load_weights(source: str | Path) -> tuple[ModelSpec, dict[str, torch.Tensor]
         spec = ModelSpec(hparams["backbone"], names, preprocess, dict(hparams.get("backbone_kwargs") or {}))
         return spec, _submodule_state(ckpt["state_dict"], "net")
     except (KeyError, TypeError) as error:
-        raise UserError(f"{source}: not a checkpoint of this project's ImageClassifier (no {error!r})") from None
+        problem = f"{type(error).__name__}: {error}"
+        raise UserError(f"{source}: not a checkpoint of this project's ImageClassifier ({problem})") from None
 
 
 def _submodule_state(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from imgcls import finetuning
 from imgcls.backbones import Pretrained, architecture_kwargs, create_backbone
+from imgcls.data import IGNORE_INDEX
 
 MONITOR = "val/acc"  # the metric that picks the best checkpoint
 
@@ -72,9 +73,9 @@ class ImageClassifier(L.LightningModule):
         self.net: nn.Module | None = None  # built in configure_model, so sharding strategies can wrap it
 
         def metrics(stage: str) -> MetricCollection:
-            top = {"acc": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
+            top = {"acc": MulticlassAccuracy(num_classes, top_k=1, average="micro", ignore_index=IGNORE_INDEX)}
             if num_classes >= 5:
-                top["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+                top["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro", ignore_index=IGNORE_INDEX)
             return MetricCollection(top, prefix=f"{stage}/")
 
         # One metric object per stage: sharing one between validation and test would mix their counts.
@@ -97,10 +98,16 @@ class ImageClassifier(L.LightningModule):
         images, targets = batch
         logits = self(images)
         # targets: class indices (B,), or class probabilities (B, num_classes) from MixUp / CutMix
-        loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
+        smoothing = self.hparams.label_smoothing
+        if stage == "train":
+            count, loss = len(targets), F.cross_entropy(logits, targets, label_smoothing=smoothing)
+        else:  # on several devices evaluation carries padding labelled IGNORE_INDEX (see PaddedForRanks): skip it
+            count = int((targets != IGNORE_INDEX).sum())
+            loss = F.cross_entropy(logits, targets, label_smoothing=smoothing, reduction="sum") / max(count, 1)
         metrics = getattr(self, f"{stage}_metrics")
         metrics.update(logits, targets.argmax(dim=1) if targets.ndim == 2 else targets)
-        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, sync_dist=True, prog_bar=True)
+        log = {"on_epoch": True, "sync_dist": True, "prog_bar": True, "batch_size": count}
+        self.log(f"{stage}/loss", loss, on_step=stage == "train", **log)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=True)
         return {"loss": loss, "logits": logits.detach()}  # callbacks get them as `outputs` (imgcls.figures)
 

@@ -81,13 +81,14 @@ class FSDP2Strategy(ModelParallelStrategy):
         reshard_after_forward: bool = True,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("tensor_parallel_size", 1)
         super().__init__(**kwargs)
         self.checkpoint_blocks = checkpoint_blocks
         self.cpu_offload = cpu_offload
         self.reshard_after_forward = reshard_after_forward
 
     def setup_environment(self) -> None:
+        if self._tensor_parallel_size == "auto":  # FSDP2 alone: no tensor parallelism
+            self._tensor_parallel_size = 1
         if self._data_parallel_size == "auto":
             self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
@@ -136,3 +137,12 @@ def register_strategies() -> None:
         "fsdp_cpu_offload", FSDP1Strategy, "FSDP per block, with CPU offload", override=True, cpu_offload=True
     )
     StrategyRegistry.register("fsdp2", FSDP2Strategy, "FSDP2 (fully_shard), one unit per backbone block", override=True)
+    # The names --plan recommends and --trainer.strategy=auto_fit picks (imgcls.plan)
+    variants = {
+        "checkpointing": {"checkpoint_blocks": True},
+        "cpu_offload": {"cpu_offload": True},
+        "cpu_offload_checkpointing": {"cpu_offload": True, "checkpoint_blocks": True},
+    }
+    for name, options in variants.items():
+        description = f"FSDP2 per block, {name.replace('_', ' ')}"
+        StrategyRegistry.register(f"fsdp2_{name}", FSDP2Strategy, description, override=True, **options)

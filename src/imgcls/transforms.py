@@ -61,6 +61,22 @@ def build_batch_mix(
 
 
 def open_image(path: str | Path) -> Image.Image:
-    """Open any image file as RGB, turned upright by its EXIF orientation."""
+    """Open any image file as RGB, turned upright by its EXIF orientation (``to_rgb`` says how modes convert)."""
     with Image.open(path) as image:
-        return ImageOps.exif_transpose(image).convert("RGB")
+        return to_rgb(ImageOps.exif_transpose(image))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB: transparency over white, 16-bit integers scaled to 8 bits.
+
+    Grayscale, palette and CMYK (Adobe's inverted JPEGs included) go through Pillow's own conversion. Integer
+    modes ``I;16*`` and ``I`` are read as 16-bit values, 0 to 65535 (what PNG and TIFF store in them).
+    """
+    if image.mode.startswith("I"):
+        # Pillow's convert("RGB") clips these at 255, so anything above 1/256 of full scale turns white.
+        image = image.convert("I").point(lambda value: value / 256).convert("L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        # Dropping alpha shows whatever colour the transparent pixels happen to store (often black).
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    return image.convert("RGB")

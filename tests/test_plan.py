@@ -1,0 +1,204 @@
+"""The memory planner: parameter counts, closed-form model state, ``train.py --plan`` and ``auto_fit``."""
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+import yaml
+from conftest import QUICK, REPO
+from torch import nn
+
+from imgcls.backbones import architecture_kwargs
+from imgcls.cli import main
+from imgcls.model import ImageClassifier
+from imgcls.plan import estimate, largest_batch, parameter_count
+from imgcls.plan_cli import parse_size
+from imgcls.step_memory import Job, Strategy, step_memory
+from imgcls.strategies import FSDP2Strategy
+
+SINGLE = Strategy("auto", "single device")
+FSDP2 = Strategy("fsdp2", "fsdp", shard=True)
+
+
+def classifier(backbone: str, **backbone_kwargs: object) -> ImageClassifier:
+    """The module the planner builds: an ImageClassifier with its network."""
+    module = ImageClassifier(backbone=backbone, num_classes=10, backbone_kwargs=backbone_kwargs)
+    module.configure_model()
+    return module
+
+
+@pytest.mark.slow
+def test_parameter_counts_match_torchvision_for_every_model_with_weights() -> None:
+    checked = 0
+    for name in torchvision.models.list_models(module=torchvision.models):
+        for weights in torchvision.models.get_model_weights(name):
+            kwargs = architecture_kwargs(name, weights.name)  # ViT SWAG weights: larger position embeddings
+            if name == "inception_v3":
+                kwargs["aux_logits"] = True  # published with its auxiliary head, which the template leaves out
+
+            def build(name: str = name, kwargs: dict = kwargs) -> nn.Module:
+                module = ImageClassifier(backbone=name, backbone_kwargs=kwargs)  # 1000 classes, as published
+                module.configure_model()
+                return module
+
+            assert parameter_count(build) == weights.meta["num_params"], (name, weights.name)
+            checked += 1
+    assert checked > 100
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("precision", "weight", "grad", "adam"), [("32-true", 4, 4, 8), ("bf16-mixed", 4, 4, 8), ("bf16-true", 2, 2, 4)]
+)
+def test_model_state_bytes_are_the_closed_form(precision: str, weight: int, grad: int, adam: int) -> None:
+    """fp32 AdamW: 4 + 4 + 8 bytes per parameter. Mixed precision as Lightning does it keeps fp32 weights, gradients
+    and moments (autocast's 16-bit copies are activations, next test); bf16-true: 2 + 2 + 4. AdamW also keeps one
+    4-byte step count per parameter tensor."""
+    job = Job(lambda: classifier("resnet18"), torch.optim.AdamW, batch_size=2, image_size=32, precision=precision)
+    params = list(classifier("resnet18").parameters())
+    count, tensors = sum(p.numel() for p in params), len(params)
+    single = step_memory(job, SINGLE, 2)
+    assert (single.params, single.grads, single.optimizer) == (weight * count, grad * count, adam * count + 4 * tensors)
+
+    # Two DDP processes: the same, and DDP's gradient buckets, one more copy of the gradients for the whole step.
+    ddp = step_memory(replace(job, world_size=2), Strategy("ddp", "ddp", buckets=True), 2)
+    assert ddp.forward_backward - single.forward_backward == ddp.update - single.update == grad * count
+
+    # FSDP2 over 2 ranks: rank 0 holds the first ceil(rows / 2) rows of every parameter.
+    shard = sum(math.ceil(p.shape[0] / 2) * p[0].numel() for p in params)
+    fsdp = step_memory(replace(job, world_size=2), FSDP2, 2)
+    assert (fsdp.params, fsdp.grads, fsdp.optimizer) == (weight * shard, grad * shard, adam * shard + 4 * tensors)
+
+
+@pytest.mark.slow
+def test_mixed_precision_activations_hold_16_bit_copies_of_the_weights() -> None:
+    """Autocast makes a bf16 copy of every weight matrix it multiplies with and keeps it for the backward: 2 bytes
+    per weight (a ViT at 32 pixels has few other activations)."""
+    job = Job(lambda: classifier("vit_b_16", image_size=32), torch.optim.AdamW, batch_size=1, image_size=32)
+    matrices = sum(p.numel() for p in classifier("vit_b_16", image_size=32).parameters() if p.ndim == 2)
+    fp32 = step_memory(job, SINGLE, 1)
+    mixed = step_memory(replace(job, precision="bf16-mixed"), SINGLE, 1)
+    assert mixed.params == fp32.params  # the weights stay fp32
+    assert 2 * matrices <= mixed.activations - fp32.activations / 2 <= 2 * matrices * 1.05
+
+
+@pytest.mark.slow
+def test_largest_batch_fits_and_one_more_does_not() -> None:
+    """Far from the planned batch the peak bends upwards (another moment of the step takes over); the search finds
+    the exact largest batch anyway. Checkpointed blocks bend the most."""
+    job = Job(lambda: classifier("resnet18"), torch.optim.AdamW, batch_size=4, image_size=64)
+    strategy = Strategy("fsdp2_checkpointing", "fsdp + activation checkpointing", shard=True, checkpoint=True)
+    start, budget = estimate(job, strategy), 2**30
+    largest = largest_batch(job, start, budget)
+    assert start.peak_at(largest + 1) < budget  # a straight line from the planned batch would overshoot
+    fits, too_many = (step_memory(replace(job, batch_size=n), strategy, n) for n in (largest, largest + 1))
+    assert max(fits.forward_backward, fits.update) <= budget < max(too_many.forward_backward, too_many.update)
+
+
+class Gated(nn.Module):
+    """Runs its second layer only when the first layer's mean is positive: control flow that reads values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.first(images).relu()
+        if x.mean() > 0:  # fake tensors have no values to compare
+            x = self.second(x).relu()
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_network_that_does_not_trace_is_measured_with_real_batches_and_extrapolated() -> None:
+    job = Job(Gated, torch.optim.AdamW, batch_size=8, image_size=64)
+    planned = estimate(job, SINGLE)
+    assert planned.measured
+    assert planned.peak == step_memory(job, SINGLE, 8, fake=False).forward_backward  # activations are linear
+
+
+@pytest.mark.parametrize(("text", "size"), [("80GiB", 80 * 2**30), ("40 GB", 40 * 10**9), ("81920MiB", 80 * 2**30)])
+def test_device_memory_sizes(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+def table(out: str) -> dict[str, dict[str, float]]:
+    """The plan's rows by strategy flag: the sizes by column, and whether it is the configured one."""
+    rows = {}
+    for line in out.splitlines():
+        words = line.split()
+        if len(words) >= 7 and words[-1] in ("yes", "no") and words[0].startswith(("auto", "ddp", "fsdp")):
+            sizes = map(float, words[-6:-1])
+            rows[words[0]] = {
+                **dict(zip(("params", "grads", "optim", "activ", "peak"), sizes, strict=True)),
+                "*": words[1] == "*",
+            }
+    return rows
+
+
+@pytest.mark.slow
+def test_plan_prints_each_strategy_and_the_recommendation_without_training(
+    in_tmp: Path, capsys: pytest.CaptureFixture
+) -> None:
+    cli = main(["--plan", "--plan.device_memory=512MiB", "--trainer.devices=4", "--data.batch_size=256"])
+    out = capsys.readouterr().out
+    assert cli.trainer is None and not (in_tmp / "logs").exists()
+    rows = table(out)
+    assert list(rows) == ["ddp", "fsdp2", "fsdp2_checkpointing", "fsdp2_cpu_offload", "fsdp2_cpu_offload_checkpointing"]
+    assert rows["ddp"]["*"] and not any(row["*"] for row in list(rows.values())[1:])  # auto on 4 devices: ddp
+    plan = cli.plan
+    assert plan.budget == int(512 * 2**20 * 0.9) and plan.job.world_size == 4 and plan.job.batch_size == 256
+    best = plan.recommended
+    assert best is not None and not any(plan.fits(e) for e in plan.estimates[: plan.estimates.index(best)])
+    assert f"recommended: --trainer.strategy={best.strategy.flag}," in out
+    assert f"largest batch per device that fits with {best.strategy.flag}: {plan.max_batch:,}" in out
+    peak = {flag: row["peak"] for flag, row in rows.items()}
+    assert peak["fsdp2_checkpointing"] < peak["fsdp2"] < peak["ddp"]
+    assert peak["fsdp2_cpu_offload"] < peak["fsdp2"] and rows["fsdp2_cpu_offload"]["optim"] == 0
+    assert rows["fsdp2"]["params"] == pytest.approx(rows["ddp"]["params"] / 4, abs=0.01)
+
+
+def test_plan_errors_are_one_line(in_tmp: Path) -> None:
+    with pytest.raises(SystemExit, match=r"^error: --plan.device_memory lots: give a size such as 80GiB"):
+        main(["--plan", "--plan.device_memory=lots"])
+
+
+@pytest.mark.slow
+def test_plan_never_allocates_the_model_or_its_activations(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Wide ResNet-50 at batch 4096 needs hundreds of GiB, its weights, gradients and AdamW states alone 1 GiB;
+    planning it allocates a few MiB (the CPU allocator's own count, read by the profiler)."""
+    monkeypatch.syspath_prepend(str(REPO / "tests" / "scripts"))
+    from allocator_peak import allocations, peak_bytes
+
+    with allocations() as profiler:
+        cli = main(["--plan", "--model.backbone=wide_resnet50_2", "--data.crop_size=224", "--data.batch_size=4096"])
+    single = cli.plan.estimates[0]
+    assert single.params + single.grads + single.optimizer > 2**30 and single.peak > 300 * 2**30
+    assert peak_bytes(profiler) < 64 * 2**20
+
+
+@pytest.mark.slow
+def test_auto_fit_applies_the_cheapest_strategy_that_fits(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
+    args = [*QUICK, "--trainer.accelerator=cpu", "--data.crop_size=96", "--data.batch_size=32"]
+    plan = main([*args, "--plan", "--plan.headroom=0"]).plan
+    single, sharded, checkpointed = plan.estimates
+    assert checkpointed.peak < min(single.peak, sharded.peak)
+    # Memory for checkpointed blocks, not for the others: auto_fit goes past the cheaper two.
+    cli = main(
+        [*args, "--trainer.strategy=auto_fit", f"--plan.device_memory={checkpointed.peak}B", "--plan.headroom=0"]
+    )
+    strategy = cli.trainer.strategy
+    assert isinstance(strategy, FSDP2Strategy) and strategy.checkpoint_blocks and not strategy.cpu_offload
+    assert "test/acc" in cli.trainer.callback_metrics
+    assert "auto_fit: --trainer.strategy=fsdp2_checkpointing" in capsys.readouterr().out
+    config = yaml.safe_load((Path(cli.trainer.log_dir) / "config.yaml").read_text())
+    assert config["trainer"]["strategy"] == "fsdp2_checkpointing"
+
+
+@pytest.mark.slow
+def test_auto_fit_refuses_a_batch_that_fits_nowhere(in_tmp: Path) -> None:
+    with pytest.raises(SystemExit, match=r"^error: --trainer.strategy auto_fit: no strategy fits in 1 MiB per device"):
+        main(["--trainer.strategy=auto_fit", "--trainer.accelerator=cpu", "--plan.device_memory=1MiB"])
