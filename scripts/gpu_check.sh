@@ -6,3 +6,4 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || make setup
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 .venv/bin/python scripts/gpu_check.py "$@"
+.venv/bin/python benchmarks/plan_accuracy.py  # the memory planner against torch.cuda.max_memory_allocated

@@ -13,7 +13,9 @@ QUICK = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=4", "--trainer
 
 def run(script: str, *args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run one of the repository's scripts as a user would, in ``cwd``."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # A fresh shell's environment: no rendezvous variables left behind by in-process distributed tests.
+    leaked = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK"}
+    env = {key: value for key, value in os.environ.items() if key not in leaked} | {"PYTHONUNBUFFERED": "1"}
     return subprocess.run(
         [sys.executable, str(REPO / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )

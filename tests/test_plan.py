@@ -9,13 +9,14 @@ import torch
 import torchvision
 import yaml
 from conftest import QUICK, REPO
+from jsonargparse import Namespace
 from torch import nn
 
 from imgcls.backbones import architecture_kwargs
 from imgcls.cli import main
 from imgcls.model import ImageClassifier
 from imgcls.plan import estimate, largest_batch, parameter_count
-from imgcls.plan_cli import parse_size
+from imgcls.plan_cli import configured_strategy, parse_size
 from imgcls.step_memory import Job, Strategy, step_memory
 from imgcls.strategies import FSDP2Strategy
 
@@ -99,7 +100,7 @@ def test_largest_batch_fits_and_one_more_does_not() -> None:
 
 
 class Gated(nn.Module):
-    """Runs its second layer only when the first layer's mean is positive: control flow that reads values."""
+    """Checks a value before its second layer, as some networks do: fake tensors have no values to read."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -108,7 +109,7 @@ class Gated(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.first(images).relu()
-        if x.mean() > 0:  # fake tensors have no values to compare
+        if int(torch.ones_like(x, dtype=torch.long).sum()) == x.numel():  # true for any values, even uninitialised
             x = self.second(x).relu()
         return self.head(x.mean((2, 3)))
 
@@ -118,6 +119,28 @@ def test_a_network_that_does_not_trace_is_measured_with_real_batches_and_extrapo
     planned = estimate(job, SINGLE)
     assert planned.measured
     assert planned.peak == step_memory(job, SINGLE, 8, fake=False).forward_backward  # activations are linear
+
+
+@pytest.mark.parametrize(
+    ("value", "memory"),
+    [
+        ("auto", SINGLE.memory),
+        ("ddp_find_unused_parameters_true", Strategy("", "", buckets=True).memory),
+        ("fsdp2_cpu_offload", Strategy("", "", shard=True, offload=True).memory),
+        (
+            Namespace(class_path="imgcls.strategies.FSDP2Strategy", init_args=Namespace(checkpoint_blocks=True)),
+            Strategy("", "", shard=True, checkpoint=True).memory,
+        ),
+        (  # configs/fsdp.yaml with configs/fsdp_hybrid.yaml: FSDP1, estimated as FSDP2
+            {"class_path": "imgcls.strategies.FSDP1Strategy", "init_args": {"sharding_strategy": "HYBRID_SHARD"}},
+            Strategy("", "", shard=True, hybrid=True).memory,
+        ),
+        ("deepspeed_stage_3", None),
+    ],
+)
+def test_configured_strategy_is_read_from_the_config(value: object, memory: tuple | None) -> None:
+    configured = configured_strategy(value, world_size=1)
+    assert (configured.memory if configured else None) == memory
 
 
 @pytest.mark.parametrize(("text", "size"), [("80GiB", 80 * 2**30), ("40 GB", 40 * 10**9), ("81920MiB", 80 * 2**30)])
@@ -140,44 +163,41 @@ def table(out: str) -> dict[str, dict[str, float]]:
 
 
 @pytest.mark.slow
-def test_plan_prints_each_strategy_and_the_recommendation_without_training(
-    in_tmp: Path, capsys: pytest.CaptureFixture
+def test_plan_prints_each_strategy_and_the_recommendation_without_allocating(
+    in_tmp: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cli = main(["--plan", "--plan.device_memory=512MiB", "--trainer.devices=4", "--data.batch_size=256"])
+    monkeypatch.syspath_prepend(str(REPO / "tests" / "scripts"))
+    from allocator_peak import allocations, peak_bytes
+
+    with allocations() as profiler:  # the CPU allocator's own count, read by the profiler
+        cli = main(["--plan", "--plan.device_memory=512MiB", "--trainer.devices=4", "--data.batch_size=256"])
     out = capsys.readouterr().out
-    assert cli.trainer is None and not (in_tmp / "logs").exists()
+    assert cli.trainer is None and not (in_tmp / "logs").exists()  # no training
+    plan = cli.plan
+    assert plan.job.world_size == 4 and plan.job.batch_size == 256 and plan.budget == int(512 * 2**20 * 0.9)
+    held = plan.estimates[0]
+    assert peak_bytes(profiler) < (held.params + held.activations) / 4  # neither the network nor a batch is real
+
     rows = table(out)
     assert list(rows) == ["ddp", "fsdp2", "fsdp2_checkpointing", "fsdp2_cpu_offload", "fsdp2_cpu_offload_checkpointing"]
     assert rows["ddp"]["*"] and not any(row["*"] for row in list(rows.values())[1:])  # auto on 4 devices: ddp
-    plan = cli.plan
-    assert plan.budget == int(512 * 2**20 * 0.9) and plan.job.world_size == 4 and plan.job.batch_size == 256
-    best = plan.recommended
-    assert best is not None and not any(plan.fits(e) for e in plan.estimates[: plan.estimates.index(best)])
-    assert f"recommended: --trainer.strategy={best.strategy.flag}," in out
-    assert f"largest batch per device that fits with {best.strategy.flag}: {plan.max_batch:,}" in out
     peak = {flag: row["peak"] for flag, row in rows.items()}
     assert peak["fsdp2_checkpointing"] < peak["fsdp2"] < peak["ddp"]
     assert peak["fsdp2_cpu_offload"] < peak["fsdp2"] and rows["fsdp2_cpu_offload"]["optim"] == 0
     assert rows["fsdp2"]["params"] == pytest.approx(rows["ddp"]["params"] / 4, abs=0.01)
+    best = plan.recommended
+    assert best is not None and not any(plan.fits(e) for e in plan.estimates[: plan.estimates.index(best)])
+    assert f"recommended: --trainer.strategy={best.strategy.flag}," in out
+    assert f"largest batch per device that fits with {best.strategy.flag}: {plan.max_batch:,}" in out
+
+    # The command line builds the Job the accuracy tests build: digits' 10 classes, 32-pixel crops, AdamW.
+    job = Job(lambda: classifier("resnet18"), torch.optim.AdamW, 256, 32, world_size=4, devices_per_node=4, gpu=True)
+    assert estimate(job, best.strategy).peak == best.peak
 
 
 def test_plan_errors_are_one_line(in_tmp: Path) -> None:
     with pytest.raises(SystemExit, match=r"^error: --plan.device_memory lots: give a size such as 80GiB"):
         main(["--plan", "--plan.device_memory=lots"])
-
-
-@pytest.mark.slow
-def test_plan_never_allocates_the_model_or_its_activations(in_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Wide ResNet-50 at batch 4096 needs hundreds of GiB, its weights, gradients and AdamW states alone 1 GiB;
-    planning it allocates a few MiB (the CPU allocator's own count, read by the profiler)."""
-    monkeypatch.syspath_prepend(str(REPO / "tests" / "scripts"))
-    from allocator_peak import allocations, peak_bytes
-
-    with allocations() as profiler:
-        cli = main(["--plan", "--model.backbone=wide_resnet50_2", "--data.crop_size=224", "--data.batch_size=4096"])
-    single = cli.plan.estimates[0]
-    assert single.params + single.grads + single.optimizer > 2**30 and single.peak > 300 * 2**30
-    assert peak_bytes(profiler) < 64 * 2**20
 
 
 @pytest.mark.slow
@@ -187,9 +207,13 @@ def test_auto_fit_applies_the_cheapest_strategy_that_fits(in_tmp: Path, capsys: 
     single, sharded, checkpointed = plan.estimates
     assert checkpointed.peak < min(single.peak, sharded.peak)
     # Memory for checkpointed blocks, not for the others: auto_fit goes past the cheaper two.
-    cli = main(
-        [*args, "--trainer.strategy=auto_fit", f"--plan.device_memory={checkpointed.peak}B", "--plan.headroom=0"]
-    )
+    try:
+        cli = main(
+            [*args, "--trainer.strategy=auto_fit", f"--plan.device_memory={checkpointed.peak}B", "--plan.headroom=0"]
+        )
+    finally:  # Lightning leaves FSDP2's process group behind; the next plan in this process needs a fake one
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     strategy = cli.trainer.strategy
     assert isinstance(strategy, FSDP2Strategy) and strategy.checkpoint_blocks and not strategy.cpu_offload
     assert "test/acc" in cli.trainer.callback_metrics

@@ -9,7 +9,9 @@ import os
 import re
 from typing import Any
 
+import lightning as L
 import torch
+from jsonargparse import Namespace
 from lightning.fabric.connector import _convert_precision_to_unified_args
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -40,7 +42,7 @@ class PlanOptions:
         self.headroom = headroom
 
 
-def plan_run(model: Any, data: Any, trainer: Any, options: Any) -> Plan:
+def plan_run(model: L.LightningModule, data: L.LightningDataModule, trainer: Namespace, options: PlanOptions) -> Plan:
     """The plan for a parsed training config: ``model`` and ``data`` as constructed, ``trainer`` its config."""
     precision = _convert_precision_to_unified_args(trainer.precision) or "32-true"
     accelerator = str(trainer.accelerator or "auto").lower()
@@ -98,12 +100,13 @@ def auto_fit(plan: Plan) -> str:
 def configured_strategy(value: Any, world_size: int) -> Strategy | None:
     """What the configured ``--trainer.strategy`` holds in memory; ``None`` for strategies the planner cannot run."""
     if isinstance(value, str):
-        name, args = value, {}
-    elif value is not None and hasattr(value, "class_path"):  # a class_path/init_args config
-        name, args = value.class_path.rsplit(".", 1)[-1], dict(vars(value.get("init_args") or {}))
+        flag, name, args = value, value, {}
+    elif isinstance(value, Namespace | dict) and value.get("class_path"):  # class_path and init_args, as parsed
+        init = value.get("init_args") or {}
+        flag, args = value["class_path"], init.as_dict() if isinstance(init, Namespace) else dict(init)
+        name = flag.rsplit(".", 1)[-1]
     else:
         return None
-    flag = value if isinstance(value, str) else value.class_path
     if name in ("auto", AUTO_FIT, "single_device", "SingleDeviceStrategy") and world_size == 1:
         return Strategy(flag, "single device")
     if name in ("auto", AUTO_FIT) or name.startswith("ddp") or name == "DDPStrategy":
