@@ -1,6 +1,6 @@
 """Train an image classifier, then test its best checkpoint.
 
-    python train.py                                              # embedded digits, CPU, a minute
+    python train.py                                              # embedded digits, CPU, under a minute
     python train.py --data.root ~/data/pets --model.backbone resnet50
     python train.py --trainer.precision=16-mixed                 # mixed precision
     python train.py --trainer.strategy=ddp --trainer.devices=4   # data parallel, one process per device
@@ -9,6 +9,8 @@
     python train.py --print_config > my.yaml; python train.py --config my.yaml
     python train.py --inspection.histograms=true                 # weight and gradient histograms in TensorBoard
     python train.py --help
+
+README.md explains the flags that matter, the strategies and the files in configs/.
 """
 
 from imgcls.cli import main

@@ -1,4 +1,4 @@
-"""Cold start of predict.py, process start to answer on one image, against a plain torchvision script.
+"""predict.py's cold start and warm per-image latency, against a plain torchvision script.
 
     python benchmarks/predict_latency.py                  # the newest best.ckpt under logs/, a digit image
     python benchmarks/predict_latency.py --checkpoint logs/version_0/checkpoints/best.ckpt --image cat.jpg --repeats 20
@@ -6,7 +6,9 @@
 Exports the checkpoint's state dict to a temporary folder (export.py's bundle), then runs, in turn and in a
 rotating order: the baseline (benchmarks/plain_torchvision.py on that folder), predict.py on that folder, and
 predict.py on the checkpoint itself. Prints each one's median wall time and its ratio to the baseline's.
-The goal is predict.py at most 1.15 times the baseline.
+The goal is predict.py at most 1.15 times the baseline. Then, in this process with both models loaded, the
+milliseconds to classify the image one at a time: predict.py's Predictor (open_image, then the checkpoint's
+preprocessing and network) against plain_torchvision.py's functions, alternating, median of --warm_runs.
 """
 
 import argparse
@@ -18,10 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import plain_torchvision  # beside this script
+
 from imgcls.checkpoints import latest_checkpoint
 from imgcls.errors import UserError
 from imgcls.export import export
 from imgcls.inference import Predictor
+from imgcls.transforms import open_image
 
 REPO = Path(__file__).resolve().parents[1]
 GOAL = 1.15  # predict.py's cold start over the baseline's
@@ -33,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image", help="the image to classify (default: the first digit under data/digits/test)")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs of each command (default: 10)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs of each command first (default: 1)")
+    parser.add_argument("--warm_runs", type=int, default=200, help="timed warm classifications (default: 200)")
     args = parser.parse_args(argv)
     try:
         checkpoint = Path(args.checkpoint or latest_checkpoint())
@@ -65,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
                 if round_ >= args.warmup:
                     times[name].append(elapsed)
                     cpu_times[name].append(cpu)
+        warm = warm_latency(bundle, image, args.warm_runs)
 
     baseline, cpu_baseline = (statistics.median(runs[next(iter(commands))]) for runs in (times, cpu_times))
     print(f"cold start on {image} ({checkpoint}), median of {args.repeats} runs; goal: predict.py <= {GOAL}x baseline")
@@ -72,6 +79,29 @@ def main(argv: list[str] | None = None) -> None:
         wall, cpu = statistics.median(times[name]), statistics.median(cpu_times[name])
         ratios = f"ratio {wall / baseline:.2f}    cpu {cpu:5.2f} s  ratio {cpu / cpu_baseline:.2f}"
         print(f"  {name:30} wall {wall:5.2f} s  {ratios}")
+    print(f"warm latency, one image at a time in a loaded process, median of {args.warm_runs} runs")
+    baseline = statistics.median(next(iter(warm.values())))
+    for name, runs in warm.items():
+        median = statistics.median(runs)
+        print(f"  {name:30} {median * 1000:6.2f} ms  ratio {median / baseline:.2f}")
+
+
+def warm_latency(bundle: Path, image: str, runs: int) -> dict[str, list[float]]:
+    """Seconds to classify ``image`` once, each run, by the plain script's functions and by predict.py's Predictor."""
+    net, preprocess, _ = plain_torchvision.load(bundle)
+    predictor = Predictor(bundle)
+    sides = {
+        "plain torchvision (baseline)": lambda: plain_torchvision.classify(net, preprocess, [image]),
+        "predict.py's Predictor": lambda: predictor([open_image(image)], topk=1),
+    }
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for run in range(runs + 10):  # the first ten warm up the allocator and caches
+        for name in list(sides)[:: 1 if run % 2 == 0 else -1]:
+            start = time.perf_counter()
+            sides[name]()
+            if run >= 10:
+                times[name].append(time.perf_counter() - start)
+    return times
 
 
 def _children_cpu() -> float:

@@ -7,8 +7,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # Tiny runs for tests: one epoch is ~19 batches of the embedded digits.
-QUICK = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=4", "--trainer.limit_val_batches=2",
-         "--trainer.limit_test_batches=2", "--trainer.enable_progress_bar=false", "--data.num_workers=0"]
+QUICK = [
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=4",
+    "--trainer.limit_val_batches=2",
+    "--trainer.limit_test_batches=2",
+    "--trainer.enable_progress_bar=false",
+    "--data.num_workers=0",
+]
 
 
 def run(script: str, *args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -61,8 +61,17 @@ def test_16_mixed_precision_trains(in_tmp: Path) -> None:
 def test_help_lists_the_flags_that_matter(tmp_path: Path) -> None:
     result = run("train.py", "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    for flag in ("--config", "--print_config", "--ckpt_path", "--trainer.strategy", "--trainer.precision",
-                 "--trainer.devices", "--model.backbone", "--data.root", "--checkpoint.monitor"):
+    for flag in (
+        "--config",
+        "--print_config",
+        "--ckpt_path",
+        "--trainer.strategy",
+        "--trainer.precision",
+        "--trainer.devices",
+        "--model.backbone",
+        "--data.root",
+        "--checkpoint.monitor",
+    ):
         assert flag in result.stdout
 
 

@@ -22,7 +22,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from imgcls.errors import UserError
-from imgcls.transforms import open_image
+from imgcls.transforms import read_image
 
 OnBadImage = Literal["error", "skip"]
 CheckImages = Literal["none", "header", "full"]
@@ -57,7 +57,7 @@ class ImageFiles(ImageFolder):
 
     def __init__(self, root: str | Path, **kwargs: Any) -> None:
         self.ignored: list[str] = []
-        super().__init__(root, loader=open_image, is_valid_file=self._has_image_name, allow_empty=True, **kwargs)
+        super().__init__(root, loader=read_image, is_valid_file=self._has_image_name, allow_empty=True, **kwargs)
 
     def _has_image_name(self, path: str) -> bool:
         if has_file_allowed_extension(path, IMG_EXTENSIONS):
@@ -100,7 +100,7 @@ def problem(path: str, full: bool = False) -> str | None:
         if os.path.getsize(path) == 0:
             return "empty file, 0 bytes"
         if full:
-            open_image(path)
+            read_image(path)
         else:
             Image.open(path).close()  # reads the header: format, mode and size (the decompression bomb check)
     except Exception as error:

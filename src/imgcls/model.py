@@ -1,13 +1,14 @@
 """The model: a backbone with a classification head, its loss, metrics and optimizer, as a LightningModule."""
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
@@ -42,6 +43,11 @@ class ImageClassifier(L.LightningModule):
         lr_scheduler: Builds a scheduler stepped once per epoch; ``None`` uses linear warmup and cosine decay,
             stepped per batch.
         warmup_fraction: Share of all training steps spent in warmup by the default schedule.
+        channels_last: Keep weights and images in channels-last memory order, which tensor cores want for
+            convolutions under 16-bit precision on GPUs.
+        compile: ``torch.compile`` the network: ``true``, or its keyword arguments, e.g. ``{mode: max-autotune}``.
+            If compiling fails (no C++ compiler, no Triton, an operator it cannot lower), training goes on
+            without it, with a warning that says why.
     """
 
     def __init__(
@@ -60,10 +66,16 @@ class ImageClassifier(L.LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         warmup_fraction: float = 0.1,
+        channels_last: bool = False,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "pretrained"])
+        # Speed settings stay out of the checkpoint: loading it for inference should not compile anything.
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "pretrained", "channels_last", "compile"])
         self.pretrained = pretrained
+        self.channels_last = channels_last
+        self.compile_options = {} if compile is True else compile
+        self.compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
         # Weights that change the network (ViT SWAG: 384-pixel position embeddings) are recorded with it, so the
         # checkpoint rebuilds the same network without them (imgcls.inference).
         self.hparams.backbone_kwargs = {**architecture_kwargs(backbone, pretrained), **(backbone_kwargs or {})}
@@ -90,8 +102,23 @@ class ImageClassifier(L.LightningModule):
             )  # fmt: skip
             if hp.freeze_backbone:
                 finetuning.freeze_backbone(self.net)
+            if self.channels_last:
+                self.net.to(memory_format=torch.channels_last)
+            if self.compile_options is not False:
+                # The forward function, not the module: torch.compile(module) would add a wrapper module, and with
+                # it a second name for every weight in the checkpoint. Compiling happens on the first call.
+                self.compiled = torch.compile(self.net.forward, **self.compile_options)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if self.compiled is not None:
+            try:
+                return self.compiled(images)  # (B, num_classes) logits
+            except Exception as error:  # whatever the compiler raises; the eager call below raises real errors again
+                reason = next(iter(str(error).strip().splitlines()), type(error).__name__)
+                rank_zero_warn(f"--model.compile: torch.compile failed, training goes on without it: {reason}")
+                self.compiled = None
         return self.net(images)  # (B, num_classes) logits
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> dict[str, torch.Tensor]:

@@ -5,6 +5,7 @@ from typing import Literal
 
 import torch
 from PIL import Image, ImageOps
+from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms import InterpolationMode, v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -21,7 +22,7 @@ def build_transforms(
     interpolation: str = "bilinear",
     augment: Augment = "none",
 ) -> v2.Compose:
-    """Return the pipeline from an RGB PIL image to a normalised float tensor ``(3, crop_size, crop_size)``.
+    """Return the pipeline from an RGB image (PIL or uint8 tensor) to a normalised ``(3, crop_size, crop_size)`` tensor.
 
     Evaluation resizes the short side to ``resize_size`` and center-crops ``crop_size``, as torchvision's
     weights do. ``augment`` applies to training only: ``none`` is the eval pipeline, ``basic`` a random
@@ -58,6 +59,22 @@ def build_batch_mix(
     mixes = [v2.MixUp(alpha=mixup_alpha, num_classes=num_classes)] if mixup_alpha > 0 else []
     mixes += [v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes)] if cutmix_alpha > 0 else []
     return v2.RandomApply([v2.RandomChoice(mixes)], p=p) if mixes else None
+
+
+def read_image(path: str | Path) -> torch.Tensor | Image.Image:
+    """Read an image file for the model: a JPEG as a uint8 tensor ``(3, H, W)``, any other file as ``open_image`` does.
+
+    torchvision.io and Pillow decode JPEGs with the same libjpeg-turbo, to the same pixels; torchvision.io hands
+    them over as a tensor without Pillow's image object and its copy, which makes the whole training pipeline
+    faster (benchmarks/data_pipeline.py). PNGs and the rest keep Pillow, for its transparency and 16-bit
+    conversions. A JPEG that torchvision.io refuses goes to Pillow, which reads it or says what is wrong with it.
+    """
+    if Path(path).suffix.lower() in (".jpg", ".jpeg"):
+        try:
+            return decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        except RuntimeError:
+            pass
+    return open_image(path)
 
 
 def open_image(path: str | Path) -> Image.Image:
