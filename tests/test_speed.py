@@ -1,5 +1,6 @@
-"""Speed options: channels_last, torch.compile and its fallback, float32 matmul precision, JPEG decoding."""
+"""Speed options: channels_last, torch.compile and its fallback, float32 matmul precision, JPEG decoding, GC."""
 
+import gc
 from pathlib import Path
 
 import numpy as np
@@ -83,3 +84,8 @@ def test_training_reads_jpegs_to_the_pixels_prediction_sees(tmp_path: Path) -> N
         assert isinstance(read_image(path), torch.Tensor), path  # decoded by torchvision.io, not Pillow
         assert torch.equal(image, evaluate(open_image(path))), path
         assert target == label
+
+
+def test_training_leaves_the_garbage_collector_as_it_found_it(in_tmp: Path) -> None:
+    main(SHORT)  # freezes the heap while it trains, so full collections skip what lives for the whole run
+    assert gc.get_freeze_count() == 0 and gc.isenabled()

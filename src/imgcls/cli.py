@@ -1,5 +1,6 @@
 """The training command line: LightningCLI without subcommands, then fit and test the best checkpoint."""
 
+import gc
 import signal
 import sys
 from pathlib import Path
@@ -107,6 +108,10 @@ def main(args: list[str] | None = None, model_class: type[ImageClassifier] = Ima
     trainer = cli.trainer
     if cli.config.float32_matmul_precision is not None:
         torch.set_float32_matmul_precision(cli.config.float32_matmul_precision)
+    # What is built by now (imported modules, the config, the model: about half a million objects) lives for the
+    # whole run. Freezing it keeps Python's full garbage collections from scanning it all again during training,
+    # a 0.4 s pause every few epochs here that hand-written loops, with smaller heaps, do not pay.
+    gc.freeze()
     try:
         ckpt_path = resolve_ckpt_path(cli.config.ckpt_path, trainer)
         if ckpt_path is not None:
@@ -121,6 +126,8 @@ def main(args: list[str] | None = None, model_class: type[ImageClassifier] = Ima
             raise
         print(f"stopped by SIGTERM at step {trainer.global_step}; resume with --ckpt_path last", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)  # the shell's status for a process ended by SIGTERM
+    finally:
+        gc.unfreeze()  # so that callers in this process (tests, notebooks) get these objects collected again
     log_dir = Path(trainer.log_dir or ".")  # a collective call under DDP: every rank asks
     if trainer.is_global_zero:
         print(f"checkpoints: {trainer.checkpoint_callback.dirpath}  (best: {best})")

@@ -1,19 +1,17 @@
 """What the model gets right and wrong, as TensorBoard images: a confusion matrix and labelled sample predictions."""
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from matplotlib.figure import Figure  # imported with the callback, before imgcls.cli freezes the heap for training
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from imgcls.dashboard import tensorboard
 from imgcls.data import IGNORE_INDEX
 from imgcls.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
 
 Sample = tuple[torch.Tensor, int, int]  # (image (3, H, W) as the model saw it, predicted label, true label)
 MAX_TEXT_CLASSES = 30  # above this, counts written in the cells become unreadable and slow to draw
@@ -116,18 +114,14 @@ class PredictionFigures(Callback):
         if samples:
             writer.add_figure(f"{stage}/samples", self._samples_figure(samples), trainer.global_step)
 
-    def _confusion_figure(self, matrix: torch.Tensor) -> "Figure":
-        from matplotlib.figure import Figure  # imported on first use: matplotlib is slow to import
-
+    def _confusion_figure(self, matrix: torch.Tensor) -> Figure:
         n = len(self._class_names)
         side = min(4 + 0.5 * n, 24)
         figure = Figure(figsize=(side, side), layout="constrained")
         self._matrix.plot(matrix, ax=figure.add_subplot(), add_text=n <= MAX_TEXT_CLASSES, labels=self._class_names)
         return figure
 
-    def _samples_figure(self, samples: list[Sample]) -> "Figure":
-        from matplotlib.figure import Figure
-
+    def _samples_figure(self, samples: list[Sample]) -> Figure:
         columns = math.ceil(math.sqrt(len(samples)))
         rows = math.ceil(len(samples) / columns)
         figure = Figure(figsize=(1.8 * columns, 2.0 * rows), layout="constrained")
