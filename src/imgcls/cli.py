@@ -126,13 +126,18 @@ def main(args: list[str] | None = None, model_class: type[ImageClassifier] = Ima
             raise
         print(f"stopped by SIGTERM at step {trainer.global_step}; resume with --ckpt_path last", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)  # the shell's status for a process ended by SIGTERM
+    else:
+        log_dir = Path(trainer.log_dir or ".")  # a collective call under DDP: every rank asks
+        if trainer.is_global_zero:
+            print(f"checkpoints: {trainer.checkpoint_callback.dirpath}  (best: {best})")
+            print(f"config:      {log_dir / 'config.yaml'}")
+            print(f"tensorboard: tensorboard --logdir {log_dir}")
     finally:
         gc.unfreeze()  # so that callers in this process (tests, notebooks) get these objects collected again
-    log_dir = Path(trainer.log_dir or ".")  # a collective call under DDP: every rank asks
-    if trainer.is_global_zero:
-        print(f"checkpoints: {trainer.checkpoint_callback.dirpath}  (best: {best})")
-        print(f"config:      {log_dir / 'config.yaml'}")
-        print(f"tensorboard: tensorboard --logdir {log_dir}")
+        # Lightning leaves the process group open. Left to interpreter exit, gloo's threads are destroyed still
+        # running and a finished run sometimes aborts ("terminate called without an active exception", status -6).
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return cli
 
 
