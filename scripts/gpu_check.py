@@ -66,9 +66,8 @@ if __name__ == "__main__":
     ]
     for precision in ("32-true", "16-mixed", "bf16-mixed"):
         timed(f"resnet50 {precision}", [*resnet50, f"--trainer.precision={precision}"])
-    timed(
-        "resnet50 bf16-mixed fsdp (1 GPU)", [*resnet50, "--trainer.precision=bf16-mixed", "--config=configs/fsdp.yaml"]
-    )
+    fsdp = ["--config=configs/fsdp.yaml", "--config=configs/fsdp_sharded_checkpoints.yaml"]
+    timed("resnet50 bf16-mixed fsdp, sharded checkpoints (1 GPU)", [*resnet50, "--trainer.precision=bf16-mixed", *fsdp])
 
     # 16 bytes per parameter (fp32 weights, gradients, two Adam moments); 12 d^2 parameters per ViT layer.
     WideViT.layers = math.ceil(1.1 * gpu.total_memory / 16 / (12 * WideViT.width**2))

@@ -200,9 +200,12 @@ KILLED = [*LEAN, "--trainer.max_epochs=5", "--trainer.limit_val_batches=1", "--t
 
 
 def start(cwd: Path, *args: str) -> subprocess.Popen:
+    """Start train.py in a process group of its own, so that a signal reaches every rank it launches."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(REPO / "train.py"), *KILLED, *args]
-    return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def wait_for(process: subprocess.Popen, condition: Callable[[], bool], timeout: float = 300) -> None:
@@ -215,7 +218,7 @@ def wait_for(process: subprocess.Popen, condition: Callable[[], bool], timeout: 
 
 
 def stop(process: subprocess.Popen, signum: int = signal.SIGKILL) -> subprocess.CompletedProcess:
-    process.send_signal(signum)
+    os.killpg(process.pid, signum)
     stdout, stderr = process.communicate(timeout=120)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
@@ -268,3 +271,28 @@ def test_killed_at_any_moment_the_run_resumes_and_finishes(in_tmp: Path) -> None
     assert "--ckpt_path auto: resuming from logs/version_3/checkpoints/last.ckpt" in stderr and "test/acc" in stdout
     final = every_checkpoint_loads(logs)[last(4)]
     assert (final["epoch"], final["global_step"]) == (4, 20)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_killed_while_writing_shards_the_sharded_checkpoint_before_stays_whole(in_tmp: Path) -> None:
+    # Two processes sharding with fsdp2 write last.ckpt as a folder of shards every 2 steps. The job dies while
+    # the next one is being written: the folder from before is untouched, and resuming from it finishes the run.
+    fsdp2 = ["--trainer.strategy=fsdp2", "--trainer.devices=2", "--trainer.accelerator=cpu"]
+    folder = in_tmp / "logs" / "version_0" / "checkpoints"
+    last, partial = folder / "last.ckpt", folder / ".last.ckpt.partial"
+    process = start(in_tmp, *fsdp2)
+    wait_for(process, lambda: (last / "meta.pt").exists() and partial.exists())
+    before = {file.name: file.read_bytes() for file in last.iterdir()}
+    stop(process)
+    assert partial.exists(), "killed after the write had ended, not during it"
+    assert {file.name: file.read_bytes() for file in last.iterdir()} == before
+    step = every_checkpoint_loads(in_tmp / "logs")[last]["global_step"]
+    assert step >= 4 and step % 2 == 0
+
+    result = run("train.py", *KILLED, *fsdp2, "--ckpt_path=last", cwd=in_tmp)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--ckpt_path last: resuming from logs/version_0/checkpoints/last.ckpt" in result.stderr
+    final = every_checkpoint_loads(in_tmp / "logs" / "version_1")
+    assert final[in_tmp / "logs" / "version_1" / "checkpoints" / "last.ckpt"]["global_step"] == 20
+    assert not list((in_tmp / "logs" / "version_1").glob("**/.*.partial"))

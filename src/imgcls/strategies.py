@@ -15,6 +15,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecision,
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from imgcls.blocks import block_classes
+from imgcls.resume import save_folder_atomically
 
 
 class FSDP1Strategy(FSDPStrategy):
@@ -35,6 +36,12 @@ class FSDP1Strategy(FSDPStrategy):
     def _setup_model(self, model: nn.Module) -> nn.Module:
         self.wrap_blocks_of(model)
         return super()._setup_model(model)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        save = super().save_checkpoint
+        if self._state_dict_type != "sharded":
+            return save(checkpoint, filepath, storage_options)
+        save_folder_atomically(self, filepath, lambda folder: save(checkpoint, folder))
 
     def wrap_blocks_of(self, model: nn.Module) -> None:
         """Point the wrapping (and checkpointing) policy at ``model``'s blocks, unless the user gave a policy."""
@@ -92,6 +99,12 @@ class FSDP2Strategy(ModelParallelStrategy):
         if self._data_parallel_size == "auto":
             self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        save = super().save_checkpoint
+        if not self._save_distributed_checkpoint:
+            return save(checkpoint, filepath, storage_options)
+        save_folder_atomically(self, filepath, lambda folder: save(checkpoint, folder))
 
     def setup(self, trainer: Any) -> None:
         shard_blocks(
