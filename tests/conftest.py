@@ -17,14 +17,18 @@ QUICK = [
 ]
 
 
+def shell_env() -> dict[str, str]:
+    """A fresh shell's environment: no rendezvous variables left behind by in-process distributed tests."""
+    leaked = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK"}
+    return {key: value for key, value in os.environ.items() if key not in leaked} | {"PYTHONUNBUFFERED": "1"}
+
+
 def run(script: str, *args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run one of the repository's scripts as a user would, in ``cwd``."""
-    # A fresh shell's environment: no rendezvous variables left behind by in-process distributed tests.
-    leaked = {"MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK"}
-    env = {key: value for key, value in os.environ.items() if key not in leaked} | {"PYTHONUNBUFFERED": "1"}
     result = subprocess.run(
-        [sys.executable, str(REPO / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
+        [sys.executable, str(REPO / script), *args],
+        cwd=cwd, env=shell_env(), capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
     # A C++ abort in a launched rank leaves rank 0's exit status untouched: look for it in the shared stderr.
     assert "terminate called" not in result.stderr, result.stderr[-3000:]
     return result
