@@ -275,7 +275,8 @@ def test_killed_at_any_moment_the_run_resumes_and_finishes(in_tmp: Path) -> None
 
 def files_of(folder: Path) -> dict[str, tuple[int, int, int]]:
     """Each file's inode, size and modification time: taken in microseconds, while a save runs beside it."""
-    return {file.name: (file.stat().st_ino, file.stat().st_size, file.stat().st_mtime_ns) for file in folder.iterdir()}
+    stats = {file.name: file.stat() for file in folder.iterdir()}
+    return {name: (stat.st_ino, stat.st_size, stat.st_mtime_ns) for name, stat in stats.items()}
 
 
 @pytest.mark.slow
