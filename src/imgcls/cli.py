@@ -132,10 +132,13 @@ def main(args: list[str] | None = None, model_class: type[ImageClassifier] = Ima
             print(f"checkpoints: {trainer.checkpoint_callback.dirpath}  (best: {best})")
             print(f"config:      {log_dir / 'config.yaml'}")
             print(f"tensorboard: tensorboard --logdir {log_dir}")
+        # gloo's worker threads free a collective's tensors after the caller has moved on, and need the GIL for it.
+        # Still waiting for it when the interpreter exits, they abort the finished run ("terminate called without
+        # an active exception"). Waiting in a barrier hands them the GIL; no-op without a process group.
+        trainer.strategy.barrier("end of run")
     finally:
         gc.unfreeze()  # so that callers in this process (tests, notebooks) get these objects collected again
-        # Lightning leaves the process group open. Left to interpreter exit, gloo's threads are destroyed still
-        # running and a finished run sometimes aborts ("terminate called without an active exception", status -6).
+        # Lightning leaves the process group open; destroying it here ends what the mesh's subgroups do not hold.
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return cli
