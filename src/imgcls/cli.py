@@ -138,7 +138,7 @@ def main(args: list[str] | None = None, model_class: type[ImageClassifier] = Ima
         trainer.strategy.barrier("end of run")
     finally:
         gc.unfreeze()  # so that callers in this process (tests, notebooks) get these objects collected again
-        # Lightning leaves the process group open; destroying it here ends what the mesh's subgroups do not hold.
+        # Lightning leaves the process group open. (The device mesh's subgroups outlive this: hence the barrier.)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return cli
