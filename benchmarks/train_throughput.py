@@ -9,7 +9,9 @@ template runs as `python train.py` does, with the default config's callbacks, me
 what one writes by hand: torchvision's ImageFolder and model, autocast, a warmup-cosine schedule, the loss
 printed every 10 steps. Both live in one process and take turns epoch by epoch: after each training epoch of
 the template (timed from its start to its last step, validation excluded), one epoch of the loop. Turns this
-short put both sides under the same load, which on a shared machine changes from minute to minute. The first
+short put both sides under the same load, which on a shared machine changes from minute to minute. Sharing the
+process, the loop also gets what the template sets for the whole process, such as the allocator setting of
+`--keep_freed_memory` (imgcls.allocator): the ratio compares per-step code, not process settings. The first
 pair warms up and is not counted. Prints each pair, the medians and the median of the pairs' ratios
 template/loop. The goal is at least 0.98.
 """
