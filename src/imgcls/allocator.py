@@ -2,8 +2,8 @@
 
 PyTorch's CPU allocator has no cache: each training step's activations and gradients go back to glibc's
 malloc, which returns large blocks to the OS (unmapping them, or trimming the heap), and the next step faults
-every page in again, zeroed. For resnet18 at batch 64 that is over 300,000 page faults an epoch and 10-15 % of
-CPU training time here (benchmarks/RESULTS.md). Serving every block from the heap and never trimming it makes
+every page in again, zeroed: about 7,000 page faults a step for resnet18 at batch 64, and 7-15 % of CPU training
+time here (benchmarks/RESULTS.md). Serving every block from the heap and never trimming it makes
 steps reuse the same pages; the peak memory is unchanged, it is just not returned between steps. This is what
 PyTorch's CPU tuning guide gets by preloading jemalloc or tcmalloc, done with glibc's own ``mallopt``.
 """

@@ -50,7 +50,7 @@ class TrainCLI(LightningCLI):
             type=bool,
             default=True,
             help="On Linux: let glibc keep the memory each training step frees for the next one, instead of returning "
-            "it to the OS and faulting it in again (CPU training 10-15 %% faster here, the same peak memory). false "
+            "it to the OS and faulting it in again (CPU training 7-15 %% faster here, the same peak memory). false "
             "keeps glibc's defaults.",
         )
         for key in ("num_classes", "class_names", "preprocess"):
