@@ -1,13 +1,11 @@
 """Speed options: channels_last, torch.compile and its fallback, float32 matmul precision, JPEG decoding, GC, malloc."""
 
 import gc
+import json
 import platform
-import resource
 import statistics
 from pathlib import Path
-from typing import Any
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -70,31 +68,14 @@ def test_float32_matmul_precision_is_set_and_recorded(in_tmp: Path) -> None:
     assert config["float32_matmul_precision"] == "high"
 
 
-class PageFaults(L.Callback):
-    """The training process's page faults in each training step, from the third on (the heap grows until then)."""
-
-    def __init__(self) -> None:
-        self.per_step: list[int] = []
-
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self.start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if batch_idx >= 2:
-            self.per_step.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - self.start)
-
-
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's")
-def test_training_steps_reuse_freed_memory_instead_of_faulting_it_in(in_tmp: Path) -> None:
+def test_training_steps_reuse_freed_memory_instead_of_faulting_it_in(tmp_path: Path) -> None:
     faults = {}
     for keep in ("false", "true"):
         args = [*QUICK, "--trainer.limit_train_batches=8", f"--keep_freed_memory={keep}"]
-        cli = main([*args, "--trainer.callbacks+=test_speed.PageFaults"])
-        faults[keep] = statistics.median(next(c for c in cli.trainer.callbacks if isinstance(c, PageFaults)).per_step)
+        result = run("tests/scripts/page_faults.py", *args, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        faults[keep] = statistics.median(json.loads((tmp_path / "page_faults.json").read_text())["per_step"])
     # glibc's defaults fault every step's activations in again: thousands of pages a step for resnet18 at batch 64
     assert faults["false"] > 1000 and faults["true"] < faults["false"] / 10, faults
 
