@@ -5,9 +5,10 @@
         --precision bf16-mixed --channels_last --compile --accelerator cuda --batch_size 128   # on a GPU
 
 Both sides get the same backbone, images, preprocessing, batch size, precision, loader workers and AdamW. The
-template runs as `python train.py` does, with the default config's callbacks, metrics and logging. The loop is
-what one writes by hand: torchvision's ImageFolder and model, autocast, a warmup-cosine schedule, the loss
-printed every 10 steps. Both live in one process and take turns epoch by epoch: after each training epoch of
+template runs as `python train.py` does, with the default config's callbacks, metrics and logging, and
+normalises each batch on the device. The loop is what one writes by hand: torchvision's ImageFolder and model
+(normalising each image in the loader processes), autocast, a warmup-cosine schedule, the loss printed every
+10 steps. Both live in one process and take turns epoch by epoch: after each training epoch of
 the template (timed from its start to its last step, validation excluded), one epoch of the loop. Turns this
 short put both sides under the same load, which on a shared machine changes from minute to minute. Sharing the
 process, the loop also gets what the template sets for the whole process, such as the allocator setting of

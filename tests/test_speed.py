@@ -16,7 +16,7 @@ from PIL import Image
 from imgcls.cli import main
 from imgcls.data import ImageFolderDataModule
 from imgcls.inference import Predictor
-from imgcls.transforms import build_transforms, open_image, read_image
+from imgcls.transforms import build_transforms, normalize_batch, open_image, read_image
 
 SHORT = [*QUICK, "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1"]
 FALLBACK = "--model.compile: torch.compile failed, training goes on without it"
@@ -95,8 +95,9 @@ def test_training_reads_jpegs_to_the_pixels_prediction_sees(tmp_path: Path) -> N
     data.setup("fit")
     val = data.datasets["val"]
     evaluate = build_transforms(train=False, **data.preprocess)  # what Predictor applies after open_image
-    for (path, label), (image, target) in zip(val.samples, val, strict=True):
+    for (path, label), (pixels, target) in zip(val.samples, val, strict=True):
         assert isinstance(read_image(path), torch.Tensor), path  # decoded by torchvision.io, not Pillow
+        image = normalize_batch(pixels[None], data.preprocess["mean"], data.preprocess["std"])[0]  # as in training
         assert torch.equal(image, evaluate(open_image(path))), path
         assert target == label
 

@@ -58,6 +58,13 @@ def test_16_mixed_precision_trains(in_tmp: Path) -> None:
     assert torch.isfinite(cli.trainer.callback_metrics["test/loss"])
 
 
+def test_bf16_true_precision_trains(in_tmp: Path) -> None:
+    """Images arrive as uint8, which Lightning's cast to the weights' dtype skips: the data module casts them after."""
+    cli = main([*QUICK, "--trainer.precision=bf16-true"])
+    assert cli.model.net.conv1.weight.dtype == torch.bfloat16
+    assert torch.isfinite(cli.trainer.callback_metrics["test/loss"])
+
+
 def test_help_lists_the_flags_that_matter(tmp_path: Path) -> None:
     result = run("train.py", "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

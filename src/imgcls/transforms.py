@@ -1,5 +1,6 @@
 """Image preprocessing: one function builds the train or eval pipeline from the settings a checkpoint carries."""
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -21,12 +22,14 @@ def build_transforms(
     std: tuple[float, ...] = IMAGENET_STD,
     interpolation: str = "bilinear",
     augment: Augment = "none",
+    normalize: bool = True,
 ) -> v2.Compose:
-    """Return the pipeline from an RGB image (PIL or uint8 tensor) to a normalised ``(3, crop_size, crop_size)`` tensor.
+    """Return the pipeline from an RGB image (PIL or uint8 tensor) to a ``(3, crop_size, crop_size)`` float tensor.
 
     Evaluation resizes the short side to ``resize_size`` and center-crops ``crop_size``, as torchvision's
     weights do. ``augment`` applies to training only: ``none`` is the eval pipeline, ``basic`` a random
-    resized crop and a horizontal flip, ``strong`` adds TrivialAugment and random erasing.
+    resized crop and a horizontal flip, ``strong`` adds TrivialAugment and random erasing. ``normalize=False``
+    stops at the uint8 pixels, before scaling and normalising, for ``normalize_batch`` to finish a whole batch.
     """
     mode = InterpolationMode(interpolation)
     if train and augment != "none":
@@ -36,16 +39,24 @@ def build_transforms(
     # One random operation per image, at a random strength (TrivialAugment, https://arxiv.org/abs/2103.10158),
     # then erasing a patch: the pairing torchvision's classification training recipes use.
     strong = train and augment == "strong"
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            *geometry,
-            *([v2.TrivialAugmentWide(interpolation=mode)] if strong else []),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean, std),
-            *([v2.RandomErasing(p=0.25)] if strong else []),
-        ]
-    )
+    # Erased patches take the mean colour, which normalises to about 0: torchvision's recipes erase with 0 after
+    # normalising; here the pixels are still uint8.
+    mean_colour = [round(255 * channel) for channel in mean]
+    extra = [v2.TrivialAugmentWide(interpolation=mode), v2.RandomErasing(p=0.25, value=mean_colour)] if strong else []
+    pixels = [v2.ToImage(), *geometry, *extra]
+    if not normalize:
+        return v2.Compose(pixels)
+    return v2.Compose([*pixels, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+def normalize_batch(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """Finish ``build_transforms(normalize=False)`` on a batch ``(B, 3, H, W)``: the same values, bit for bit.
+
+    Done on the device, once per batch, it replaces two operations per image in the loader processes, and the
+    loaders hand over uint8 pixels: a quarter of the bytes to pass between processes and to copy to a GPU.
+    """
+    scaled = v2.functional.to_dtype(images, torch.float32, scale=True)
+    return v2.functional.normalize(scaled, list(mean), list(std), inplace=scaled is not images)
 
 
 def build_batch_mix(

@@ -13,6 +13,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from imgcls.cli import main
+from imgcls.transforms import normalize_batch
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -36,7 +37,8 @@ class Report(L.Callback):
         # full_tensor() is a collective under FSDP2: every rank calls it, then each compares its own copy
         full = [p.full_tensor() if isinstance(p, DTensor) else p for p in params]
         test = trainer.datamodule.datasets["test"]
-        images = torch.stack([test[i][0] for i in range(0, len(test), 27)])  # every 27th held-out image
+        pixels = torch.stack([test[i][0] for i in range(0, len(test), 27)])  # every 27th held-out image, uint8
+        images = normalize_batch(pixels, trainer.datamodule.preprocess["mean"], trainer.datamodule.preprocess["std"])
         pl_module.eval()
         with torch.no_grad():
             top1 = pl_module(images).argmax(1).tolist()  # a collective under FSDP2: every rank runs it
