@@ -1,5 +1,6 @@
 """GPU-only checks with timings: mixed precisions, and FSDP + CPU offload + activation checkpointing training a
-model whose parameters, gradients and Adam states exceed the GPU's memory. Prints one table row per run."""
+model whose parameters, gradients and Adam states exceed the GPU's memory. Prints one table row per run. First,
+that normalising a batch on the GPU does not wait for the GPU's queued work."""
 
 import math
 import os
@@ -10,6 +11,7 @@ import torchvision
 
 from imgcls.cli import main
 from imgcls.model import ImageClassifier
+from imgcls.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_batch
 
 QUICK = [
     "--trainer.enable_progress_bar=false",
@@ -39,6 +41,17 @@ class WideViT(ImageClassifier):
             )
 
 
+def check_normalize_batch_does_not_sync() -> None:
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    normalize_batch(images, IMAGENET_MEAN, IMAGENET_STD)  # the first call puts mean and std on the GPU
+    torch.cuda.set_sync_debug_mode("error")  # raises on any host-device synchronisation
+    try:
+        normalize_batch(images, IMAGENET_MEAN, IMAGENET_STD)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    print("normalize_batch: no host-device synchronisation")
+
+
 def timed(name: str, args: list[str], model_class: type[ImageClassifier] = ImageClassifier) -> None:
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -53,6 +66,7 @@ def timed(name: str, args: list[str], model_class: type[ImageClassifier] = Image
 
 
 if __name__ == "__main__":
+    check_normalize_batch_does_not_sync()
     gpu = torch.cuda.get_device_properties(0)
     print(f"\n{gpu.name}, {gpu.total_memory / 2**30:.0f} GiB\n")
     print("| run | params | images/s (incl. startup) | peak GPU GiB | test acc |\n|---|---|---|---|---|", flush=True)

@@ -114,6 +114,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             "std": list(std or IMAGENET_STD),
             "interpolation": interpolation or "bilinear",
         }
+        if min(self.preprocess["std"]) <= 0:  # normalize_batch divides by it: infinities, not an error, otherwise
+            raise UserError(f"--data.std {self.preprocess['std']}: every channel's must be above 0")
         self.mix = build_batch_mix(self.num_classes, mixup_alpha, cutmix_alpha, mix_prob)
         self.datasets: dict[str, Dataset] = {}
 

@@ -1,5 +1,6 @@
 """Image preprocessing: one function builds the train or eval pipeline from the settings a checkpoint carries."""
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -56,7 +57,19 @@ def normalize_batch(images: torch.Tensor, mean: Sequence[float], std: Sequence[f
     loaders hand over uint8 pixels: a quarter of the bytes to pass between processes and to copy to a GPU.
     """
     scaled = v2.functional.to_dtype(images, torch.float32, scale=True)
-    return v2.functional.normalize(scaled, list(mean), list(std), inplace=scaled is not images)
+    if scaled is images:  # already float32: leave the caller's tensor as it is
+        scaled = scaled.clone()
+    mean_t, std_t = _channel_tensors(tuple(mean), tuple(std), images.device)
+    return scaled.sub_(mean_t).div_(std_t)  # Normalize's own two operations
+
+
+@functools.cache
+def _channel_tensors(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # Made once per device: v2.functional.normalize copies them from Python lists on every call, and a blocking
+    # copy to a GPU waits for all the work queued there, each batch.
+    return tuple(torch.tensor(values, device=device).view(-1, 1, 1) for values in (mean, std))
 
 
 def build_batch_mix(
