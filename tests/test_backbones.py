@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import QUICK
+from helpers import QUICK
 from PIL import Image
 from torch import nn
 

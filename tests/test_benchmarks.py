@@ -4,7 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import QUICK, run
+from helpers import QUICK, run
 from PIL import Image
 
 pytestmark = pytest.mark.slow  # each starts Python, torch and several runs: 10 to 30 s

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import QUICK
+from helpers import QUICK
 from PIL import Image
 
 from imgcls.cli import main

@@ -7,7 +7,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from conftest import QUICK
+from helpers import QUICK
 from PIL import Image
 from torchvision.datasets import MNIST
 
@@ -67,7 +67,7 @@ def test_soft_targets_train_and_validation_keeps_hard_labels(in_tmp: Path) -> No
     trainer.fit(model, datamodule=data)
     assert shapes.shapes == [(16, 10)] * 3
     metrics = trainer.callback_metrics
-    assert torch.isfinite(metrics["train/loss_epoch"]) and 0 <= metrics["train/acc"] <= 1
+    assert torch.isfinite(metrics["train/loss"]) and 0 <= metrics["train/acc"] <= 1
     assert 0 <= metrics["val/acc"] <= 1
 
 

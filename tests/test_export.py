@@ -1,13 +1,11 @@
 """export.py as a user runs it, and the exports as other programs use them: plain torchvision, torch.export, ONNX."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run
+from helpers import REPO, python, run
 
 from imgcls.export import TOLERANCE
 from imgcls.inference import Predictor
@@ -51,10 +49,7 @@ def test_plain_torchvision_loads_the_state_dict_without_this_project(exported: t
     folder, _ = exported
     images = digits(trained)
     script = REPO / "benchmarks" / "plain_torchvision.py"
-    result = subprocess.run(
-        [sys.executable, "-X", "importtime", str(script), str(folder), *map(str, images)],
-        cwd=folder.parent, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    result = python("-X", "importtime", str(script), str(folder), *map(str, images), cwd=folder.parent)
     assert result.returncode == 0, result.stderr
     imported = [line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")]
     assert "torchvision" in imported and not [name for name in imported if name.startswith("imgcls")]

@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 import torchvision
-from conftest import QUICK, REPO
+from helpers import QUICK, REPO
 
 from imgcls.cli import main
 from imgcls.errors import UserError

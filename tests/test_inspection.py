@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import run
+from helpers import run
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tiny_inspected import Tiny, fit
 from torch.utils.tensorboard import SummaryWriter

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision
 import yaml
-from conftest import QUICK, REPO
+from helpers import QUICK, REPO
 from jsonargparse import Namespace
 from torch import nn
 

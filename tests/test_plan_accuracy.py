@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run
+from helpers import REPO, run
 
 from imgcls.cli import main
 from imgcls.model import ImageClassifier

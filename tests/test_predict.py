@@ -3,13 +3,11 @@
 import csv
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICK, REPO, run
+from helpers import QUICK, REPO, python, run
 from PIL import Image
 
 from imgcls.cli import main
@@ -20,11 +18,6 @@ from imgcls.model import ImageClassifier
 def held_out_images(trained: Path, per_class: int = 2) -> list[tuple[Path, str]]:
     test = trained.parents[1] / "data" / "digits" / "test"
     return [(path, cls.name) for cls in sorted(test.iterdir()) for path in sorted(cls.iterdir())[:per_class]]
-
-
-def python(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """Run ``python ARGS`` in ``cwd``, as a user would; interpreter flags such as ``-X importtime`` allowed."""
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 def test_predict_names_the_right_class_of_held_out_images(trained: Path) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision
 import yaml
-from conftest import QUICK, run
+from helpers import QUICK, run
 from safetensors.torch import save_file
 
 from imgcls.backbones import create_backbone

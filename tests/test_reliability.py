@@ -4,14 +4,13 @@ import os
 import pickle
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUICK, REPO, run, shell_env
+from helpers import QUICK, finish, run, script, shell_env, start
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from imgcls.checkpoints import load_checkpoint
@@ -176,7 +175,7 @@ class StopsAfterTwoEpochs(ImageClassifier):
 def test_same_seed_same_metrics_and_resume_is_exact(in_tmp: Path) -> None:
     deterministic = [*LEAN, "--trainer.deterministic=true", "--trainer.limit_train_batches=3"]
     first, second = (logged_scalars(main(deterministic).trainer.log_dir) for _ in range(2))
-    assert {"train/loss_epoch", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc"} <= first.keys()
+    assert {"train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc"} <= first.keys()
     assert first == second
 
     four = [*deterministic, "--trainer.max_epochs=4"]
@@ -199,28 +198,27 @@ KILLED = [*LEAN, "--trainer.max_epochs=5", "--trainer.limit_val_batches=1", "--t
           "--checkpoint.every_n_train_steps=2"]  # fmt: skip
 
 
-def start(cwd: Path, *args: str) -> subprocess.Popen:
-    """Start train.py in a process group of its own, so that a signal reaches every rank it launches."""
-    env = shell_env() | {"OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(REPO / "train.py"), *KILLED, *args]
-    return subprocess.Popen(
-        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
+def start_killed(cwd: Path, *args: str) -> subprocess.Popen:
+    """Start train.py in a process group of its own (``helpers.start``), so that a signal reaches every rank."""
+    return start(script("train.py", *KILLED, *args), cwd, shell_env(OMP_NUM_THREADS="1"))
 
 
 def wait_for(process: subprocess.Popen, condition: Callable[[], bool], timeout: float = 300) -> None:
-    """Poll ``condition`` every millisecond while ``process`` runs."""
+    """Poll ``condition`` every millisecond while ``process`` runs; past ``timeout``, fail with its stacks."""
     deadline = time.monotonic() + timeout
     while not condition():
-        assert process.poll() is None, f"train.py ended first: {process.communicate()[1][-3000:]}"
-        assert time.monotonic() < deadline, "timed out"
+        if process.poll() is not None:
+            (result,) = finish([process])
+            raise AssertionError(f"train.py ended first: {result.stderr[-3000:]}")
+        if time.monotonic() > deadline:
+            finish([process], deadline=0)  # raises Hung, with the stacks
         time.sleep(0.001)
 
 
 def stop(process: subprocess.Popen, signum: int = signal.SIGKILL) -> subprocess.CompletedProcess:
     os.killpg(process.pid, signum)
-    stdout, stderr = process.communicate(timeout=120)
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    (result,) = finish([process], deadline=120)
+    return result
 
 
 @pytest.mark.slow
@@ -231,13 +229,13 @@ def test_killed_at_any_moment_the_run_resumes_and_finishes(in_tmp: Path) -> None
         return logs / f"version_{version}" / "checkpoints" / "last.ckpt"
 
     # Early: during setup, before anything is written. --ckpt_path auto finds nothing and starts afresh.
-    process = start(in_tmp, "--ckpt_path=auto")
+    process = start_killed(in_tmp, "--ckpt_path=auto")
     wait_for(process, lambda: (logs / "version_0" / "config.yaml").exists())
     assert stop(process).returncode == -signal.SIGKILL
     assert not list(logs.glob("**/*.ckpt"))
 
     # During a checkpoint write: a later last.ckpt is being written beside the first when the job dies.
-    process = start(in_tmp, "--ckpt_path=auto")
+    process = start_killed(in_tmp, "--ckpt_path=auto")
     temporary = last(1).with_name(".last.ckpt.tmp")
     wait_for(process, lambda: last(1).exists() and temporary.exists())
     result = stop(process)
@@ -247,7 +245,7 @@ def test_killed_at_any_moment_the_run_resumes_and_finishes(in_tmp: Path) -> None
     assert written >= 4 and written % 2 == 0
 
     # Mid-epoch, between writes: --ckpt_path last takes the newest last.ckpt of all runs.
-    process = start(in_tmp, "--ckpt_path=last")
+    process = start_killed(in_tmp, "--ckpt_path=last")
     wait_for(process, lambda: last(2).exists())
     result = stop(process)
     assert "--ckpt_path last: resuming from logs/version_1/checkpoints/last.ckpt" in result.stderr
@@ -255,7 +253,7 @@ def test_killed_at_any_moment_the_run_resumes_and_finishes(in_tmp: Path) -> None
     assert written > resumed_at
 
     # SIGTERM, as a scheduler sends before preempting a job: the step in progress ends, then last.ckpt is written.
-    process = start(in_tmp, "--ckpt_path=last")
+    process = start_killed(in_tmp, "--ckpt_path=last")
     wait_for(process, lambda: last(3).exists())
     result = stop(process, signal.SIGTERM)
     assert result.returncode == 128 + signal.SIGTERM and "Traceback" not in result.stderr
@@ -265,9 +263,9 @@ def test_killed_at_any_moment_the_run_resumes_and_finishes(in_tmp: Path) -> None
     assert every_checkpoint_loads(logs)[last(3)]["global_step"] == step > written
 
     # And the last run finishes: five epochs of four steps in all, tested; every checkpoint on disk whole.
-    process = start(in_tmp, "--ckpt_path=auto")
-    stdout, stderr = process.communicate(timeout=600)
-    assert process.returncode == 0, stderr[-3000:]
+    (result,) = finish([start_killed(in_tmp, "--ckpt_path=auto")])
+    stdout, stderr = result.stdout, result.stderr
+    assert result.returncode == 0, stderr[-3000:]
     assert "--ckpt_path auto: resuming from logs/version_3/checkpoints/last.ckpt" in stderr and "test/acc" in stdout
     final = every_checkpoint_loads(logs)[last(4)]
     assert (final["epoch"], final["global_step"]) == (4, 20)
@@ -287,7 +285,7 @@ def test_killed_while_writing_shards_the_sharded_checkpoint_before_stays_whole(i
     fsdp2 = ["--trainer.strategy=fsdp2", "--trainer.devices=2", "--trainer.accelerator=cpu"]
     folder = in_tmp / "logs" / "version_0" / "checkpoints"
     last, partial = folder / "last.ckpt", folder / ".last.ckpt.partial"
-    process = start(in_tmp, *fsdp2)
+    process = start_killed(in_tmp, *fsdp2)
     wait_for(process, lambda: (last / "meta.pt").exists() and partial.exists())
     before = files_of(last)
     stop(process)

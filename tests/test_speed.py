@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import QUICK, run
+from helpers import QUICK, run
 from PIL import Image
 
 from imgcls.cli import main

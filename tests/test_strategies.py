@@ -3,15 +3,12 @@ multi-node launch, and the FSDP block wrapping that GPUs get."""
 
 import copy
 import json
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
-from conftest import REPO, run
+from helpers import run
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from imgcls.strategies import recompute_blocks, register_strategies
@@ -28,7 +25,6 @@ PARITY = [
     "--trainer.limit_val_batches=1",
     "--trainer.limit_test_batches=1",
     "--trainer.log_every_n_steps=1",
-    "--trainer.enable_progress_bar=false",
     "--data.num_workers=0",
     "--trainer.accelerator=cpu",
 ]
@@ -127,38 +123,6 @@ def test_sharded_checkpoint_resumes_on_one_process_consolidates_and_predicts(run
     assert [a[0]["label"] for a in answers[shards]] == live
 
 
-@pytest.mark.slow
-@pytest.mark.distributed
-def test_two_torchrun_nodes_on_loopback_train_to_the_same_weights(tmp_path: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    common = ["--nnodes=2", "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}"]
-    args = [
-        *PARITY,
-        "--model.backbone=resnet18",
-        "--model.backbone_kwargs=null",
-        "--trainer.max_epochs=1",
-        "--trainer.strategy=ddp",
-        "--trainer.num_nodes=2",
-        "--trainer.devices=1",
-    ]
-    nodes = [
-        subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", *common, f"--node-rank={rank}", str(REPO / REPORT), *args],
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
-    outputs = [node.communicate(timeout=300)[0] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
-    assert report(tmp_path, 0)["weights"] == report(tmp_path, 1)["weights"]
-    assert (tmp_path / "logs" / "version_0" / "checkpoints" / "best.ckpt").is_file()
-
-
 def test_activation_checkpointing_keeps_the_loss_and_lowers_activation_memory() -> None:
     from torch.distributed._tools.mem_tracker import MemTracker
 
@@ -211,28 +175,6 @@ def test_bare_fsdp_flag_wraps_each_block(precision: str, units: int) -> None:
     names = [type(m.module).__name__ for m in wrapped.modules() if isinstance(m, FSDP)]
     # The root and 8 BasicBlocks; in 16-bit precisions FSDP keeps each of the 20 BatchNorms in fp32 on its own.
     assert names.count("BasicBlock") == 8 and names[0] == "ResNet" and len(names) == units
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
-@pytest.mark.parametrize(
-    ("strategy", "precision"), [("fsdp2", "bf16-true"), ("fsdp2", "16-mixed"), ("ddp", "bf16-true")]
-)
-def test_precisions_train_under_each_strategy(tmp_path: Path, strategy: str, precision: str) -> None:
-    result = run(
-        "train.py",
-        f"--trainer.strategy={strategy}",
-        f"--trainer.precision={precision}",
-        *PARITY,
-        "--model.backbone=resnet18",
-        "--model.backbone_kwargs=null",
-        "--trainer.max_epochs=1",
-        "--trainer.limit_train_batches=3",
-        "--trainer.devices=2",
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "test/loss" in result.stdout
 
 
 def test_fsdp_on_a_cpu_is_a_one_line_error(tmp_path: Path) -> None:

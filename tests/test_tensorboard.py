@@ -15,7 +15,7 @@ import lightning as L
 import pytest
 import torch
 import torchvision
-from conftest import QUICK
+from helpers import QUICK
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -48,7 +48,7 @@ def test_default_run_logs_sane_scalars(trained: Path) -> None:
     memory = "perf/cuda_peak_mib" if torch.cuda.is_available() else "perf/rss_peak_mib"
     expected = {
         "train/loss_step",
-        "train/loss_epoch",
+        "train/loss",
         "train/acc",
         "val/loss",
         "val/acc",

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import QUICK, REPO, run
+from helpers import QUICK, REPO, run
 
 from imgcls.cli import main
 

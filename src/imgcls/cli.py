@@ -1,7 +1,6 @@
 """The training command line: LightningCLI without subcommands, then fit and test the best checkpoint."""
 
 import gc
-import signal
 import sys
 from pathlib import Path
 from typing import Any, Literal, NoReturn
@@ -14,6 +13,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 
 from imgcls.allocator import keep_freed_memory
 from imgcls.backbones import weights_preprocess
+from imgcls.collectives import DEFAULT_TIMEOUT_S, apply_timeout, close, describe_failure, is_collective_failure
 from imgcls.dashboard import SaveConfigAndHparams
 from imgcls.data import ImageFolderDataModule
 from imgcls.errors import UserError
@@ -22,6 +22,7 @@ from imgcls.model import MONITOR, ImageClassifier
 from imgcls.numerics import NonFiniteLoss
 from imgcls.plan import Plan
 from imgcls.plan_cli import AUTO_FIT, PlanOptions, auto_fit, format_plan, plan_run
+from imgcls.preemption import EXIT_SIGTERM, Preemption
 from imgcls.resume import CrashSafeCheckpoints, check_resumable, resolve_ckpt_path
 from imgcls.strategies import register_strategies
 
@@ -38,6 +39,13 @@ class TrainCLI(LightningCLI):
             "earlier runs) or 'auto' (that one if there is one, else a new run).",
         )
         parser.add_argument("--debug", action="store_true", help="Show the traceback of an error, not one line.")
+        parser.add_argument(
+            "--collective_timeout",
+            type=float | None,
+            default=DEFAULT_TIMEOUT_S,
+            help="Seconds a process waits in one collective (an all-reduce, a barrier) for the others before the "
+            "run stops with an error naming it; null keeps the strategy's own timeout (PyTorch's 30 minutes).",
+        )
         parser.add_argument(
             "--float32_matmul_precision",
             type=Literal["highest", "high", "medium"] | None,
@@ -89,7 +97,9 @@ class TrainCLI(LightningCLI):
             if options.enabled:
                 return None
             trainer.strategy = kwargs["strategy"] = auto_fit(self.plan)  # config.yaml records the choice
-        return super().instantiate_trainer(**kwargs)
+        instance = super().instantiate_trainer(**kwargs)
+        apply_timeout(instance.strategy, self.config.collective_timeout)
+        return instance
 
 
 def main(args: list[str] | None = None, model_class: type[ImageClassifier] = ImageClassifier) -> TrainCLI:
@@ -105,7 +115,7 @@ def main(args: list[str] | None = None, model_class: type[ImageClassifier] = Ima
             seed_everything_default=42,
             save_config_callback=SaveConfigAndHparams,  # config.yaml, and the config and hparams in TensorBoard
             save_config_kwargs={"overwrite": True},
-            trainer_defaults={"callbacks": [CrashSafeCheckpoints()]},  # atomic writes, last.ckpt on SIGTERM
+            trainer_defaults={"callbacks": [CrashSafeCheckpoints(), Preemption()]},  # atomic writes; SIGTERM
             parser_kwargs={"default_config_files": [str(DEFAULT_CONFIG)] if DEFAULT_CONFIG.exists() else []},
             args=args,
         )
@@ -131,31 +141,31 @@ def main(args: list[str] | None = None, model_class: type[ImageClassifier] = Ima
             trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best or None, weights_only=True)
     except (UserError, MisconfigurationException) as error:  # Lightning refuses some settings only when fitting
         _exit(error, debug)
-    except SIGTERMException:  # a scheduler preempts the job; CrashSafeCheckpoints has saved last.ckpt
+    except SIGTERMException:  # a scheduler preempts the job; Preemption has saved last.ckpt
         if debug:
             raise
         print(f"stopped by SIGTERM at step {trainer.global_step}; resume with --ckpt_path last", file=sys.stderr)
-        sys.exit(128 + signal.SIGTERM)  # the shell's status for a process ended by SIGTERM
+        sys.exit(EXIT_SIGTERM)
+    except RuntimeError as error:
+        if not is_collective_failure(error):  # a bug: its traceback says where
+            raise
+        _exit(error, debug, describe_failure(error, cli.config.collective_timeout))  # another process died or hangs
     else:
         log_dir = Path(trainer.log_dir or ".")  # a collective call under DDP: every rank asks
         if trainer.is_global_zero:
             print(f"checkpoints: {trainer.checkpoint_callback.dirpath}  (best: {best})")
             print(f"config:      {log_dir / 'config.yaml'}")
             print(f"tensorboard: tensorboard --logdir {log_dir}")
-        # gloo's worker threads free a collective's tensors after the caller has moved on, and need the GIL for it.
-        # Still waiting for it when the interpreter exits, they abort the finished run ("terminate called without
-        # an active exception"). Waiting in a barrier hands them the GIL; no-op without a process group.
-        trainer.strategy.barrier("end of run")
+        close(trainer.strategy)  # Lightning leaves the process groups open
     finally:
         gc.unfreeze()  # so that callers in this process (tests, notebooks) get these objects collected again
-        # Lightning leaves the process group open. (The device mesh's subgroups outlive this: hence the barrier.)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # a run that failed
             torch.distributed.destroy_process_group()
     return cli
 
 
-def _exit(error: BaseException, debug: bool) -> NoReturn:
-    """Exit with ``error`` as one line, ``error: ...``; with ``--debug``, raise it with its traceback instead."""
+def _exit(error: BaseException, debug: bool, message: str | None = None) -> NoReturn:
+    """Exit with ``message`` (else ``error``'s) as one line, ``error: ...``; with ``--debug``, raise ``error``."""
     if debug:
         raise error
-    sys.exit(f"error: {' '.join(str(error).split())}")
+    sys.exit(f"error: {' '.join((message or str(error)).split())}")

@@ -9,6 +9,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
+from imgcls.reduced import log_reduced
+
 
 def peak_memory_mib(device: torch.device) -> dict[str, float]:
     """This process's peak memory: CUDA memory held by tensors, else the resident set size (none on Windows)."""
@@ -56,11 +58,14 @@ class PerformanceMonitor(Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch_s = self._now(pl_module) - self._start
-        pl_module.log("perf/epoch_time_s", epoch_s, sync_dist=True, reduce_fx="max")
-        training_s = max(epoch_s - self._validating_s, 1e-9)
-        pl_module.log("perf/train_images_per_s", self._images / training_s, sync_dist=True, reduce_fx="sum")
-        for name, mib in peak_memory_mib(pl_module.device).items():
-            pl_module.log(name, mib, sync_dist=True, reduce_fx="max")
+        images_per_s = self._images / max(epoch_s - self._validating_s, 1e-9)
+        peak = peak_memory_mib(pl_module.device)
+        slowest = trainer.strategy.reduce(
+            torch.tensor([epoch_s, *peak.values()], device=pl_module.device), reduce_op="max"
+        )
+        total = trainer.strategy.reduce(torch.tensor(images_per_s, device=pl_module.device), reduce_op="sum")
+        values = {"perf/epoch_time_s": slowest[0], "perf/train_images_per_s": total}
+        log_reduced(pl_module, values | {name: slowest[1 + i] for i, name in enumerate(peak)})
 
     @staticmethod
     def _now(pl_module: L.LightningModule) -> float:

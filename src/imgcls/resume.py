@@ -1,4 +1,4 @@
-"""Surviving killed jobs: atomic checkpoint writes, a checkpoint on SIGTERM, and finding and checking what to resume.
+"""Surviving killed jobs: atomic checkpoint writes, and finding and checking what to resume.
 
 ``--ckpt_path last`` resumes from the newest ``last.ckpt`` of any earlier run (Lightning's own ``last`` looks only in
 the new run's folder, where there is none yet); ``--ckpt_path auto`` does the same when there is one and starts
@@ -16,7 +16,6 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from imgcls.checkpoints import latest_checkpoint, read_metadata
 from imgcls.errors import UserError
@@ -89,25 +88,11 @@ def save_folder_atomically(strategy: Strategy, filepath: Any, save: Callable[[Pa
 
 
 class CrashSafeCheckpoints(L.Callback):
-    """Installs ``AtomicCheckpointIO`` and writes ``last.ckpt`` when SIGTERM stops training.
-
-    On SIGTERM (what schedulers send before preempting or cancelling a job) Lightning finishes the current batch
-    and raises ``SIGTERMException``; this writes the checkpoint then. Lightning's ``ModelCheckpoint(
-    save_on_exception=True)`` would also save, but under the monitored file's name: it would overwrite ``best.ckpt``.
-    """
+    """Installs ``AtomicCheckpointIO``, unless the user configured a CheckpointIO plugin of their own."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # a CheckpointIO plugin of the user's stays
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        callback = trainer.checkpoint_callback
-        if not isinstance(exception, SIGTERMException) or callback is None or callback.dirpath is None:
-            return
-        if trainer.state.fn == "fit" and not trainer.sanity_checking:
-            path = callback.format_checkpoint_name({}, callback.CHECKPOINT_NAME_LAST)
-            trainer.save_checkpoint(path)
-            rank_zero_info(f"SIGTERM: saved {path} at step {trainer.global_step}")
 
 
 def checkpoint_root(trainer: L.Trainer) -> Path:

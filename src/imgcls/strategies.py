@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from lightning.fabric.strategies.fsdp import _activation_checkpointing_kwargs
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, StrategyRegistry
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecision, OffloadPolicy, fully_shard
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
@@ -107,11 +108,16 @@ class FSDP2Strategy(ModelParallelStrategy):
         save_folder_atomically(self, filepath, lambda folder: save(checkpoint, folder))
 
     def setup(self, trainer: Any) -> None:
+        offload = self.cpu_offload and self.root_device.type != "cpu"
+        if self.cpu_offload and not offload:
+            rank_zero_warn(
+                "cpu_offload: the model is on the CPU already, so there is nothing to offload; training without"
+            )
         shard_blocks(
             self.lightning_module,
             self.device_mesh["data_parallel"],
             checkpoint_blocks=self.checkpoint_blocks,
-            offload_policy=CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy(),
+            offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy(),
             reshard_after_forward=self.reshard_after_forward,
         )
         super().setup(trainer)

@@ -1,0 +1,39 @@
+"""The private parts of Lightning this project relies on, in one place: the first to check after an upgrade."""
+
+from collections.abc import Callable
+from datetime import timedelta
+from types import FrameType
+
+import lightning as L
+from lightning.pytorch.strategies import Strategy
+from torch.distributed.device_mesh import DeviceMesh
+
+
+def device_mesh(strategy: Strategy) -> DeviceMesh | None:
+    """The device mesh of a ``ModelParallelStrategy`` once it has built one (its property raises before); else None."""
+    return getattr(strategy, "_device_mesh", None)
+
+
+def set_collective_timeout(strategy: Strategy, timeout: timedelta) -> bool:
+    """Give the process group ``strategy`` will create this timeout; ``False`` if it creates none.
+
+    ``DDPStrategy``, ``FSDPStrategy`` and ``ModelParallelStrategy`` take ``timeout`` in their constructors and keep
+    it in ``_timeout`` until ``setup_environment`` creates the process group.
+    """
+    if not hasattr(strategy, "_timeout"):
+        return False
+    strategy._timeout = timeout
+    return True
+
+
+def replace_sigterm_handler(trainer: L.Trainer, handler: Callable[[int, FrameType | None], None]) -> None:
+    """Make the Trainer install ``handler`` for SIGTERM, in place of its own, whenever it installs its handlers.
+
+    The Trainer installs ``_SignalConnector._sigterm_notifier_fn`` at the start of every fit and test.
+    """
+    trainer._signal_connector._sigterm_notifier_fn = handler
+
+
+def stop_as_on_sigterm(trainer: L.Trainer) -> None:
+    """Make the Trainer stop as it does after its own SIGTERM handler: ``SIGTERMException`` once this batch ends."""
+    trainer._signal_connector.received_sigterm = True
