@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from imgcls.errors import UserError
+from imgcls.errors import UserError, exit_with
 
 CHECK_BATCH = 16  # images per parity-check batch; a single image is checked too, for the dynamic batch size
 
@@ -36,10 +36,10 @@ def main(argv: list[str] | None = None) -> None:
     import torch  # imported after parsing, so --help and usage errors answer at once
 
     from imgcls.checkpoints import latest_checkpoint
-    from imgcls.export import TOLERANCE, check_formats, export, max_differences
-    from imgcls.imagefiles import find_images
-    from imgcls.inference import Predictor
-    from imgcls.transforms import open_image
+    from imgcls.data.images import open_image
+    from imgcls.inference.export import TOLERANCE, check_formats, export, max_differences
+    from imgcls.inference.files import find_images
+    from imgcls.inference.predictor import Predictor
 
     try:
         check_formats(args.formats)
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
                 try:
                     images.append(open_image(path))
                 except OSError as error:
-                    raise UserError(f"--images {path}: not a readable image ({error})") from None
+                    raise UserError(f"--images {path}: not a readable image ({error})") from error
             inputs = predictor.preprocess(images)
             what = f"{len(images)} images"
         else:
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
             what = f"{len(inputs)} random inputs"
         written = export(predictor, Path(args.output), args.formats)
     except UserError as error:
-        sys.exit(f"error: {error}")
+        exit_with(error)
 
     batches = [*inputs.split(CHECK_BATCH), inputs[:1]]
     differences = max_differences(predictor, written, batches)

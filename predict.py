@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from imgcls.errors import UserError
+from imgcls.errors import UserError, exit_with
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,10 +41,10 @@ def main(argv: list[str] | None = None) -> None:
     from PIL import Image
 
     from imgcls.checkpoints import latest_checkpoint
-    from imgcls.imagefiles import find_images
-    from imgcls.inference import Predictor
-    from imgcls.outputs import PredictionWriter, annotated_paths, save_annotated
-    from imgcls.transforms import open_image
+    from imgcls.data.images import open_image
+    from imgcls.inference.files import find_images
+    from imgcls.inference.predictor import Predictor
+    from imgcls.inference.writers import PredictionWriter, annotated_paths, save_annotated
 
     try:
         paths = find_images(args.images)
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError("--device cuda: no CUDA GPU is visible here; use --device cpu")
         predictor = Predictor(args.checkpoint or latest_checkpoint(), device=device)
     except UserError as error:
-        sys.exit(f"error: {error}")
+        exit_with(error)
 
     names = [str(path) for path in paths]
     topk = min(args.topk, len(predictor.class_names))

@@ -10,10 +10,15 @@
     python train.py --inspection.histograms=true                 # weight and gradient histograms in TensorBoard
     python train.py --help
 
-README.md explains the flags that matter, the strategies and the files in configs/.
+configs/default.yaml holds the defaults every other config file and flag applies over. README.md explains the
+flags that matter, the strategies and the files in configs/.
 """
+
+from pathlib import Path
 
 from imgcls.cli import main
 
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
+
 if __name__ == "__main__":
-    main()
+    main(config=DEFAULT_CONFIG)

@@ -7,9 +7,9 @@ The images are crops of scikit-learn's two sample photographs (real JPEG content
 pixels a side, in 10 class folders. Both sides read the same files with one thread, as a DataLoader worker does:
 the baseline is torchvision's ImageFolder with its reference recipe (Pillow decoding, then RandomResizedCrop(224)
 and a flip, or Resize and CenterCrop for evaluation); the template is ImageFolderDataModule's own datasets, which
-decode JPEGs with torchvision.io (imgcls.transforms.read_image) and stop at uint8 pixels. Each side's time
+decode JPEGs with torchvision.io (imgcls.data.images.read_image) and stop at uint8 pixels. Each side's time
 includes stacking every 64 images into a batch, and for the template normalising that batch, which training does
-on the device (imgcls.transforms.normalize_batch), here in the same thread. A third row shows the template
+on the device (imgcls.data.transforms.normalize_batch), here in the same thread. A third row shows the template
 decoding with Pillow instead, which is what torchvision.io buys. Runs alternate; prints medians and ratios.
 Goal: >= 1.0.
 """
@@ -28,8 +28,9 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
-from imgcls.data import ImageFolderDataModule
-from imgcls.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_batch, open_image
+from imgcls.data.datamodule import ImageFolderDataModule
+from imgcls.data.images import open_image
+from imgcls.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_batch
 
 GOAL = 1.0  # the template's images/s over the baseline's
 CLASSES = 10

@@ -8,11 +8,14 @@ bytes), also cuDNN/cuBLAS workspaces that PyTorch allocates through it, but not 
 """
 
 import sys
+from pathlib import Path
 
 import lightning as L
 import torch
 
 from imgcls.cli import main
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"  # as train.py passes it
 
 STEPS = [
     "--trainer.accelerator=gpu",
@@ -70,8 +73,8 @@ def row(backbone: str, size: int, batch: int, precision: str, strategy: str) -> 
         f"--trainer.precision={precision}",
         f"--trainer.strategy={strategy}",
     ]
-    planned = main([*args, "--plan"]).plan.configured.peak
-    cli = main([*args, "--trainer.callbacks+=plan_accuracy.StepPeak"])
+    planned = main([*args, "--plan"], config=DEFAULT_CONFIG).plan.configured.peak
+    cli = main([*args, "--trainer.callbacks+=plan_accuracy.StepPeak"], config=DEFAULT_CONFIG)
     real = next(c.peak for c in cli.trainer.callbacks if type(c).__name__ == "StepPeak")
     if torch.distributed.is_initialized():  # fsdp2 leaves its process group; the next plan makes a fake one
         torch.distributed.destroy_process_group()

@@ -23,10 +23,10 @@ from pathlib import Path
 import plain_torchvision  # beside this script
 
 from imgcls.checkpoints import latest_checkpoint
+from imgcls.data.images import open_image
 from imgcls.errors import UserError
-from imgcls.export import export
-from imgcls.inference import Predictor
-from imgcls.transforms import open_image
+from imgcls.inference.export import export
+from imgcls.inference.predictor import Predictor
 
 REPO = Path(__file__).resolve().parents[1]
 GOAL = 1.15  # predict.py's cold start over the baseline's

@@ -12,7 +12,7 @@ normalises each batch on the device. The loop is what one writes by hand: torchv
 the template (timed from its start to its last step, validation excluded), one epoch of the loop. Turns this
 short put both sides under the same load, which on a shared machine changes from minute to minute. Sharing the
 process, the loop also gets what the template sets for the whole process, such as the allocator setting of
-`--keep_freed_memory` (imgcls.allocator): the ratio compares per-step code, not process settings. The first
+`--keep_freed_memory` (imgcls.runtime): the ratio compares per-step code, not process settings. The first
 pair warms up and is not counted. Prints each pair, the medians and the median of the pairs' ratios
 template/loop. The goal is at least 0.98.
 """
@@ -37,9 +37,11 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import InterpolationMode, v2
 
 from imgcls.cli import main as train
-from imgcls.data import DIGITS_ROOT
-from imgcls.digits import write_digits
-from imgcls.transforms import IMAGENET_MEAN, IMAGENET_STD
+from imgcls.data.datamodule import DIGITS_ROOT
+from imgcls.data.digits import write_digits
+from imgcls.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"  # as train.py passes it
 
 GOAL = 0.98  # the template's images/s over the loop's
 LOG_EVERY = 10  # steps between logged losses, on both sides (the default config's log_every_n_steps)
@@ -136,7 +138,7 @@ def take_turns(args: argparse.Namespace, root: Path) -> list[tuple[float, float]
         "--trainer.callbacks+=__main__.TakeTurns",
     ]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp, _quietly_in(tmp):
-        cli = train(flags)
+        cli = train(flags, config=DEFAULT_CONFIG)
     return next(callback for callback in cli.trainer.callbacks if isinstance(callback, TakeTurns)).pairs
 
 

@@ -7,10 +7,9 @@ both in a single process, with no GPU and no process group, and refuses pickles 
 """
 
 import argparse
-import sys
 
 from imgcls.checkpoints import consolidate
-from imgcls.errors import UserError
+from imgcls.errors import UserError, exit_with
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -20,4 +19,4 @@ if __name__ == "__main__":
     try:
         print(consolidate(args.shards, args.output))
     except UserError as error:
-        sys.exit(f"error: {error}")
+        exit_with(error)

@@ -5,13 +5,16 @@ that normalising a batch on the GPU does not wait for the GPU's queued work."""
 import math
 import os
 import time
+from pathlib import Path
 
 import torch
 import torchvision
 
 from imgcls.cli import main
+from imgcls.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_batch
 from imgcls.model import ImageClassifier
-from imgcls.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_batch
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"  # as train.py passes it
 
 QUICK = [
     "--trainer.enable_progress_bar=false",
@@ -55,7 +58,7 @@ def check_normalize_batch_does_not_sync() -> None:
 def timed(name: str, args: list[str], model_class: type[ImageClassifier] = ImageClassifier) -> None:
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    cli = main([*QUICK, *args], model_class)
+    cli = main([*QUICK, *args], model_class, config=DEFAULT_CONFIG)
     seconds = time.perf_counter() - start
     trainer = cli.trainer
     images = trainer.global_step * cli.datamodule.hparams.batch_size

@@ -2,19 +2,18 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import train
 
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One real two-epoch training run on the embedded digits, shared by the tests that only read its results."""
-    from imgcls.cli import main
-
     workdir = tmp_path_factory.mktemp("trained")
     old = Path.cwd()
     os.chdir(workdir)
     try:
         # One process: the progress bar would add only output here (multi-process tests keep it on).
-        cli = main(["--trainer.max_epochs=2", "--trainer.enable_progress_bar=false"])
+        cli = train(["--trainer.max_epochs=2", "--trainer.enable_progress_bar=false"])
     finally:
         os.chdir(old)
     assert cli.trainer.callback_metrics["test/acc"] >= 0.9

@@ -14,8 +14,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "configs" / "default.yaml"
 # Tiny runs for in-process tests: one epoch is ~19 batches of the embedded digits. The progress bar is off here
 # because these runs are single-process (the bar's output is all they would add); every multi-process test runs
 # with it on, as users do.
@@ -29,6 +31,13 @@ QUICK = [
 ]
 DEADLINE_S = 600.0
 DUMP_WAIT_S = 0.5  # for one process to write its stacks after SIGABRT
+
+
+def train(args: list[str], **kwargs: Any) -> Any:
+    """train.py in this process: ``imgcls.cli.main`` over configs/default.yaml, as train.py calls it."""
+    from imgcls.cli import main
+
+    return main(args, config=DEFAULT_CONFIG, **kwargs)
 
 
 class Hung(AssertionError):

@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from helpers import QUICK
+from helpers import QUICK, train
 from PIL import Image
 from torch import nn
 
-from imgcls.backbones import available_backbones, create_backbone, head_names, weights_preprocess
+from imgcls.backbones.factory import create_backbone, head_names
+from imgcls.backbones.weights import available_backbones, resolve_weights
+from imgcls.data.transforms import build_transforms
 from imgcls.errors import UserError
-from imgcls.transforms import build_transforms
 
 # The smallest model of each torchvision family; the head sits somewhere else in nearly every family.
 FAMILIES = [
@@ -43,7 +44,7 @@ def test_every_family_gets_a_head_sized_to_the_classes(name: str) -> None:
 
 @pytest.mark.parametrize(("name", "weights"), [("resnet50", "IMAGENET1K_V2"), ("vit_b_16", "IMAGENET1K_SWAG_E2E_V1")])
 def test_preprocessing_matches_the_torchvision_weights_transforms(name: str, weights: str) -> None:
-    ours = build_transforms(train=False, **weights_preprocess(name, weights))
+    ours = build_transforms(train=False, **resolve_weights(name, weights).preprocess())
     theirs = torchvision.models.get_model_weights(name)[weights].transforms()  # PIL resize, bicubic for SWAG
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
     a, b = ours(image), theirs(image)
@@ -57,7 +58,9 @@ def test_weights_that_change_the_network_are_recorded_to_rebuild_it() -> None:
     model = ImageClassifier("vit_b_16", pretrained="IMAGENET1K_SWAG_E2E_V1", num_classes=3)
     assert model.hparams.backbone_kwargs == {"image_size": 384}  # SWAG weights: 384-pixel position embeddings
     with torch.device("meta"):
-        net = create_backbone("vit_b_16", 3, **model.hparams.backbone_kwargs)  # as imgcls.inference rebuilds it
+        net = create_backbone(
+            "vit_b_16", 3, **model.hparams.backbone_kwargs
+        )  # as imgcls.inference.predictor rebuilds it
     assert net.encoder.pos_embedding.shape == (1, (384 // 16) ** 2 + 1, 768)
 
 
@@ -71,7 +74,7 @@ def test_weights_that_change_the_network_are_recorded_to_rebuild_it() -> None:
 )
 def test_wrong_names_fail_with_one_clear_line(name: str, pretrained: bool | str, message: str) -> None:
     with pytest.raises(UserError) as error:
-        create_backbone(name, 3, pretrained)
+        create_backbone(name, 3, resolve_weights(name, pretrained))
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
@@ -80,10 +83,10 @@ def test_timm_names_and_preprocessing() -> None:
     with pytest.raises(UserError, match=r"is not a timm model; did you mean timm/resnet50"):
         create_backbone("timm/resnet5O", 3)
     with pytest.raises(UserError, match=r"timm has no such weights; it has e.g. timm/resnet50.a1_in1k"):
-        weights_preprocess("timm/resnet50.nope", True)
+        resolve_weights("timm/resnet50.nope", True).preprocess()
     cfg = timm.data.resolve_data_config(pretrained_cfg=timm.models.get_pretrained_cfg("resnet50.a1_in1k").to_dict())
     theirs = timm.data.create_transform(**cfg)  # timm's own evaluation transform: bicubic, crop_pct 0.95
-    ours = build_transforms(train=False, **weights_preprocess("timm/resnet50.a1_in1k", True))
+    ours = build_transforms(train=False, **resolve_weights("timm/resnet50.a1_in1k", True).preprocess())
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (240, 320, 3), dtype=np.uint8))
     a, b = ours(image), theirs(image)
     assert a.shape == b.shape == (3, 224, 224) and (a - b).abs().mean() < 1e-3
@@ -92,11 +95,10 @@ def test_timm_names_and_preprocessing() -> None:
 @pytest.mark.slow
 def test_timm_backbone_trains_a_step_and_predicts(in_tmp: Path) -> None:
     pytest.importorskip("timm", reason="timm is not installed: pip install -e '.[timm]' (CI installs it)")
-    from imgcls.cli import main
-    from imgcls.inference import Predictor
-    from imgcls.transforms import open_image
+    from imgcls.data.images import open_image
+    from imgcls.inference.predictor import Predictor
 
-    cli = main([*QUICK, "--model.backbone=timm/test_resnet", "--trainer.limit_train_batches=1"])
+    cli = train([*QUICK, "--model.backbone=timm/test_resnet", "--trainer.limit_train_batches=1"])
     assert cli.trainer.global_step == 1 and torch.isfinite(cli.trainer.callback_metrics["test/loss"])
     predictor = Predictor(cli.trainer.checkpoint_callback.best_model_path)  # rebuilds timm/test_resnet by name
     image = open_image(next((in_tmp / "data" / "digits" / "test" / "3").iterdir()))

@@ -8,12 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import QUICK
+from helpers import QUICK, train
 from PIL import Image
 
-from imgcls.cli import main
-from imgcls.imagecheck import BadBatch, BadImage, collate
-from imgcls.transforms import open_image
+from imgcls.data.checks import BadBatch, BadImage, collate
+from imgcls.data.images import open_image
 
 LEAN = [*QUICK, "--data.batch_size=4", "--trainer.callbacks=null", "--trainer.enable_model_summary=false",
         "--inspection.every_n_steps=0", "--data.crop_size=8", "--data.resize_size=8"]  # fmt: skip
@@ -51,7 +50,7 @@ def two_pixels(mode: str, first: tuple[int, ...], second: tuple[int, ...]) -> Im
 def exit_message(args: list[str]) -> str:
     """The one line train.py exits with."""
     with pytest.raises(SystemExit) as stopped:
-        main(args)
+        train(args)
     message = str(stopped.value.code)
     assert "\n" not in message
     return message
@@ -84,7 +83,7 @@ def test_unreadable_images_are_listed_with_their_paths_and_the_fix(in_tmp: Path)
     # Skipping: setup drops the three it found; the loader drops the truncated one from its batch when it meets it.
     everything = ["--trainer.limit_train_batches=null", "--trainer.limit_val_batches=null"]
     with pytest.warns(UserWarning) as warned:
-        cli = main([*LEAN, *everything, "--data.root=pets", "--data.on_bad_image=skip"])
+        cli = train([*LEAN, *everything, "--data.root=pets", "--data.on_bad_image=skip"])
     skipped = {str(w.message).split(" (")[0] for w in warned if "skipped" in str(w.message)}
     assert skipped == {f"pets/{name}" for name in ("train/a/empty.png", "train/a/page.jpg", "train/b/bomb.png",
                                                     "val/b/cut.jpg")}  # fmt: skip

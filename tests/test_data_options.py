@@ -7,14 +7,13 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from helpers import QUICK
+from helpers import QUICK, train
 from PIL import Image
 from torchvision.datasets import MNIST
 
-from imgcls.cli import main
-from imgcls.data import ImageFolderDataModule
+from imgcls.data.datamodule import ImageFolderDataModule
+from imgcls.data.transforms import build_batch_mix, build_transforms
 from imgcls.model import ImageClassifier
-from imgcls.transforms import build_batch_mix, build_transforms
 
 
 @pytest.mark.parametrize(
@@ -102,7 +101,7 @@ def write_fake_mnist(root: Path, n_train: int = 64, n_test: int = 32) -> None:
 def test_a_torchvision_dataset_on_disk_trains(in_tmp: Path) -> None:
     write_fake_mnist(in_tmp / "mnist")
     data = ["--data.dataset=MNIST", "--data.root=mnist", "--data.crop_size=28", "--data.resize_size=28"]
-    cli = main([*QUICK, *data, "--data.batch_size=16"])
+    cli = train([*QUICK, *data, "--data.batch_size=16"])
     splits = cli.datamodule.datasets
     assert (len(splits["train"]) + len(splits["val"]), len(splits["test"])) == (64, 32)  # MNIST's own test split
     saved = torch.load(cli.trainer.checkpoint_callback.best_model_path, weights_only=True)["hyper_parameters"]
@@ -120,6 +119,6 @@ def test_a_torchvision_dataset_on_disk_trains(in_tmp: Path) -> None:
 def test_dataset_mistakes_get_one_line_errors(in_tmp: Path, dataset: str, message: str) -> None:
     (in_tmp / "empty").mkdir()
     with pytest.raises(SystemExit) as error:  # nothing is downloaded: download is off by default
-        main([*QUICK, f"--data.dataset={dataset}", "--data.root=empty"])
+        train([*QUICK, f"--data.dataset={dataset}", "--data.root=empty"])
     assert message in str(error.value.code) and "\n" not in str(error.value.code)
     assert not any((in_tmp / "empty").iterdir())

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, Hung, descendants, finish, run, script, shell_env, start
 
-from imgcls.preemption import EXIT_SIGTERM, STUCK_S
+from imgcls.callbacks.preemption import EXIT_SIGTERM, STUCK_S
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from helpers import REPO, python, run
 
-from imgcls.export import TOLERANCE
-from imgcls.inference import Predictor
-from imgcls.transforms import open_image
+from imgcls.data.images import open_image
+from imgcls.inference.export import TOLERANCE
+from imgcls.inference.predictor import Predictor
 
 
 def digits(trained: Path, per_class: int = 2) -> list[Path]:

@@ -8,11 +8,10 @@ import lightning as L
 import pytest
 import torch
 import torchvision
-from helpers import QUICK, REPO
+from helpers import QUICK, REPO, train
 
-from imgcls.cli import main
+from imgcls.backbones.finetuning import UnfreezeBackbone
 from imgcls.errors import UserError
-from imgcls.finetuning import UnfreezeBackbone
 from imgcls.model import ImageClassifier
 
 PARAMETERS = {name for name, _ in torchvision.models.resnet18().named_parameters()}
@@ -30,7 +29,7 @@ def differ(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> set[str]:
 @pytest.mark.slow
 def test_finetune_config_trains_the_head_then_everything(trained: Path, in_tmp: Path) -> None:
     start = torch.load(trained / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
-    cli = main(
+    cli = train(
         [*QUICK, "--config", str(REPO / "configs" / "finetune.yaml"), "--trainer.max_epochs=2",
          f"--model.pretrained={trained / 'checkpoints' / 'best.ckpt'}", "--data.crop_size=32", "--data.resize_size=32",
          "--checkpoint.filename={epoch}", "--checkpoint.save_top_k=-1"]
@@ -52,7 +51,7 @@ def test_finetune_config_trains_the_head_then_everything(trained: Path, in_tmp: 
 def test_freeze_backbone_trains_only_the_head(trained: Path, in_tmp: Path) -> None:
     start = torch.load(trained / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
     pretrained = f"--model.pretrained={trained / 'checkpoints' / 'best.ckpt'}"
-    cli = main([*QUICK, pretrained, "--model.freeze_backbone=true"])
+    cli = train([*QUICK, pretrained, "--model.freeze_backbone=true"])
     last = torch.load(Path(cli.trainer.checkpoint_callback.dirpath) / "last.ckpt", weights_only=True)["state_dict"]
     assert differ(backbone(last), backbone(start)) == set()
     assert not torch.equal(last["net.fc.weight"], start["net.fc.weight"])
@@ -68,7 +67,7 @@ def test_readme_has_the_backbone_weights_and_finetuning_table(capsys: pytest.Cap
     assert len(commands) >= 8
     for command in commands:  # every flag the table shows parses
         with pytest.raises(SystemExit) as done:
-            main([*shlex.split(command), "--print_config"])
+            train([*shlex.split(command), "--print_config"])
         assert done.value.code in (0, None), command
     capsys.readouterr()
 

@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tiny_inspected import Tiny, fit
 from torch.utils.tensorboard import SummaryWriter
 
-from imgcls.inspection import GradientWarning
+from imgcls.callbacks.inspection import GradientWarning
 
 
 def read(log_dir: Path) -> EventAccumulator:

@@ -8,20 +8,20 @@ import pytest
 import torch
 import torchvision
 import yaml
-from helpers import QUICK, REPO
+from helpers import QUICK, REPO, train
 from jsonargparse import Namespace
 from torch import nn
 
-from imgcls.backbones import architecture_kwargs
-from imgcls.cli import main
+from imgcls.backbones.weights import resolve_weights
 from imgcls.model import ImageClassifier
-from imgcls.plan import estimate, largest_batch, parameter_count
-from imgcls.plan_cli import configured_strategy, parse_size
-from imgcls.step_memory import Job, Strategy, step_memory
-from imgcls.strategies import FSDP2Strategy
+from imgcls.parallel.fsdp2 import FSDP2Strategy
+from imgcls.planner.cli import configured_strategy
+from imgcls.planner.options import parse_size
+from imgcls.planner.plan import estimate, largest_batch, parameter_count
+from imgcls.planner.step_memory import Job, StrategySpec, step_memory
 
-SINGLE = Strategy("auto", "single device")
-FSDP2 = Strategy("fsdp2", "fsdp", shard=True)
+SINGLE = StrategySpec("auto", "single device")
+FSDP2 = StrategySpec("fsdp2", "fsdp", shard=True)
 
 
 def classifier(backbone: str, **backbone_kwargs: object) -> ImageClassifier:
@@ -36,7 +36,7 @@ def test_parameter_counts_match_torchvision_for_every_model_with_weights() -> No
     checked = 0
     for name in torchvision.models.list_models(module=torchvision.models):
         for weights in torchvision.models.get_model_weights(name):
-            kwargs = architecture_kwargs(name, weights.name)  # ViT SWAG weights: larger position embeddings
+            kwargs = resolve_weights(name, weights.name).arch_kwargs()  # ViT SWAG weights: larger position embeddings
             if name == "inception_v3":
                 kwargs["aux_logits"] = True  # published with its auxiliary head, which the template leaves out
 
@@ -65,7 +65,7 @@ def test_model_state_bytes_are_the_closed_form(precision: str, weight: int, grad
     assert (single.params, single.grads, single.optimizer) == (weight * count, grad * count, adam * count + 4 * tensors)
 
     # Two DDP processes: the same, and DDP's gradient buckets, one more copy of the gradients for the whole step.
-    ddp = step_memory(replace(job, world_size=2), Strategy("ddp", "ddp", buckets=True), 2)
+    ddp = step_memory(replace(job, world_size=2), StrategySpec("ddp", "ddp", buckets=True), 2)
     assert ddp.forward_backward - single.forward_backward == ddp.update - single.update == grad * count
 
     # FSDP2 over 2 ranks: rank 0 holds the first ceil(rows / 2) rows of every parameter.
@@ -91,7 +91,7 @@ def test_largest_batch_fits_and_one_more_does_not() -> None:
     """Far from the planned batch the peak bends upwards (another moment of the step takes over); the search finds
     the exact largest batch anyway. Checkpointed blocks bend the most."""
     job = Job(lambda: classifier("resnet18"), torch.optim.AdamW, batch_size=4, image_size=64)
-    strategy = Strategy("fsdp2_checkpointing", "fsdp + activation checkpointing", shard=True, checkpoint=True)
+    strategy = StrategySpec("fsdp2_checkpointing", "fsdp + activation checkpointing", shard=True, checkpoint=True)
     start, budget = estimate(job, strategy), 2**30
     largest = largest_batch(job, start, budget)
     assert start.peak_at(largest + 1) < budget  # a straight line from the planned batch would overshoot
@@ -125,15 +125,15 @@ def test_a_network_that_does_not_trace_is_measured_with_real_batches_and_extrapo
     ("value", "memory"),
     [
         ("auto", SINGLE.memory),
-        ("ddp_find_unused_parameters_true", Strategy("", "", buckets=True).memory),
-        ("fsdp2_cpu_offload", Strategy("", "", shard=True, offload=True).memory),
+        ("ddp_find_unused_parameters_true", StrategySpec("", "", buckets=True).memory),
+        ("fsdp2_cpu_offload", StrategySpec("", "", shard=True, offload=True).memory),
         (
-            Namespace(class_path="imgcls.strategies.FSDP2Strategy", init_args=Namespace(checkpoint_blocks=True)),
-            Strategy("", "", shard=True, checkpoint=True).memory,
+            Namespace(class_path="imgcls.parallel.fsdp2.FSDP2Strategy", init_args=Namespace(checkpoint_blocks=True)),
+            StrategySpec("", "", shard=True, checkpoint=True).memory,
         ),
         (  # configs/fsdp.yaml with configs/fsdp_hybrid.yaml: FSDP1, estimated as FSDP2
-            {"class_path": "imgcls.strategies.FSDP1Strategy", "init_args": {"sharding_strategy": "HYBRID_SHARD"}},
-            Strategy("", "", shard=True, hybrid=True).memory,
+            {"class_path": "imgcls.parallel.fsdp1.FSDP1Strategy", "init_args": {"sharding_strategy": "HYBRID_SHARD"}},
+            StrategySpec("", "", shard=True, hybrid=True).memory,
         ),
         ("deepspeed_stage_3", None),
     ],
@@ -170,7 +170,7 @@ def test_plan_prints_each_strategy_and_the_recommendation_without_allocating(
     from allocator_peak import allocations, peak_bytes
 
     with allocations() as profiler:  # the CPU allocator's own count, read by the profiler
-        cli = main(["--plan", "--plan.device_memory=512MiB", "--trainer.devices=4", "--data.batch_size=256"])
+        cli = train(["--plan", "--plan.device_memory=512MiB", "--trainer.devices=4", "--data.batch_size=256"])
     out = capsys.readouterr().out
     assert cli.trainer is None and not (in_tmp / "logs").exists()  # no training
     plan = cli.plan
@@ -197,18 +197,18 @@ def test_plan_prints_each_strategy_and_the_recommendation_without_allocating(
 
 def test_plan_errors_are_one_line(in_tmp: Path) -> None:
     with pytest.raises(SystemExit, match=r"^error: --plan.device_memory lots: give a size such as 80GiB"):
-        main(["--plan", "--plan.device_memory=lots"])
+        train(["--plan", "--plan.device_memory=lots"])
 
 
 @pytest.mark.slow
 def test_auto_fit_applies_the_cheapest_strategy_that_fits(in_tmp: Path, capsys: pytest.CaptureFixture) -> None:
     args = [*QUICK, "--trainer.accelerator=cpu", "--data.crop_size=96", "--data.batch_size=32"]
-    plan = main([*args, "--plan", "--plan.headroom=0"]).plan
+    plan = train([*args, "--plan", "--plan.headroom=0"]).plan
     single, sharded, checkpointed = plan.estimates
     assert checkpointed.peak < min(single.peak, sharded.peak)
     # Memory for checkpointed blocks, not for the others: auto_fit goes past the cheaper two.
     try:
-        cli = main(
+        cli = train(
             [*args, "--trainer.strategy=auto_fit", f"--plan.device_memory={checkpointed.peak}B", "--plan.headroom=0"]
         )
     finally:  # Lightning leaves FSDP2's process group behind; the next plan in this process needs a fake one
@@ -225,4 +225,4 @@ def test_auto_fit_applies_the_cheapest_strategy_that_fits(in_tmp: Path, capsys: 
 @pytest.mark.slow
 def test_auto_fit_refuses_a_batch_that_fits_nowhere(in_tmp: Path) -> None:
     with pytest.raises(SystemExit, match=r"^error: --trainer.strategy auto_fit: no strategy fits in 1 MiB per device"):
-        main(["--trainer.strategy=auto_fit", "--trainer.accelerator=cpu", "--plan.device_memory=1MiB"])
+        train(["--trainer.strategy=auto_fit", "--trainer.accelerator=cpu", "--plan.device_memory=1MiB"])

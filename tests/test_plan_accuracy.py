@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, run
+from helpers import REPO, run, train
 
-from imgcls.cli import main
 from imgcls.model import ImageClassifier
-from imgcls.plan import Estimate, estimate
-from imgcls.step_memory import Job, Strategy
+from imgcls.planner.plan import Estimate, estimate
+from imgcls.planner.step_memory import Job, StrategySpec
 
 SCRIPTS = REPO / "tests" / "scripts"
 # Two training steps at 224 pixels; the second, a steady-state one, is measured.
@@ -27,7 +26,7 @@ STEPS = [
     "--trainer.accelerator=cpu",
 ]
 MEASURE = "--trainer.callbacks+=allocator_peak.AllocatorPeak"
-SINGLE = Strategy("auto", "single device")
+SINGLE = StrategySpec("auto", "single device")
 
 
 def measured(workdir: Path, rank: int = 0) -> int:
@@ -40,7 +39,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("accuracy")
 
 
-def planned(backbone: str, batch: int, strategy: Strategy = SINGLE, world_size: int = 1) -> Estimate:
+def planned(backbone: str, batch: int, strategy: StrategySpec = SINGLE, world_size: int = 1) -> Estimate:
     """The planner's estimate for these runs, for the Job ``train.py --plan`` builds from the same flags (the digits'
     10 classes, AdamW, 32-true; tests/test_plan.py checks that the command line gives the same)."""
 
@@ -64,14 +63,14 @@ def test_planned_peak_of_a_training_step_is_within_10_percent_of_a_real_one(
     monkeypatch.syspath_prepend(str(SCRIPTS))
     expected = planned(backbone, batch)
     for size in (batch, 2 * batch):
-        main([*STEPS, f"--model.backbone={backbone}", f"--data.batch_size={size}", MEASURE])
+        train([*STEPS, f"--model.backbone={backbone}", f"--data.batch_size={size}", MEASURE])
         assert expected.peak_at(size) == pytest.approx(measured(workdir), rel=0.10), size
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_fsdp2_estimate_per_rank_matches_two_cpu_processes(tmp_path: Path) -> None:
-    expected = planned("resnet18", 4, Strategy("fsdp2", "fsdp", shard=True), world_size=2)
+    expected = planned("resnet18", 4, StrategySpec("fsdp2", "fsdp", shard=True), world_size=2)
     args = ["--model.backbone=resnet18", "--data.batch_size=4", "--trainer.strategy=fsdp2", "--trainer.devices=2"]
     result = run("tests/scripts/train_and_report.py", *STEPS, *args, MEASURE, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import QUICK, REPO, python, run
+from helpers import QUICK, REPO, python, run, train
 from PIL import Image
 
-from imgcls.cli import main
-from imgcls.inference import Predictor
+from imgcls.inference.predictor import Predictor
 from imgcls.model import ImageClassifier
 
 
@@ -85,7 +84,7 @@ def test_mixed_folder_every_image_answered_as_json_and_csv(trained: Path, tmp_pa
     assert "torch" in imported and "imgcls.inference" in imported
     packages = {name.split(".")[0] for name in imported}
     assert not packages & {"lightning", "pytorch_lightning", "lightning_fabric", "torchmetrics", "jsonargparse"}
-    assert not imported & {"imgcls.cli", "imgcls.model", "imgcls.data"}
+    assert not imported & {"imgcls.cli", "imgcls.model", "imgcls.data.datamodule"}
 
     # Annotated copies mirror the folders; the EXIF-rotated 60x20 JPEG comes out upright, taller than wide
     annotated = sorted(str(p.relative_to(tmp_path / "ann")) for p in (tmp_path / "ann").rglob("*.*"))
@@ -112,7 +111,9 @@ def test_mixed_folder_every_image_answered_as_json_and_csv(trained: Path, tmp_pa
 @pytest.mark.slow
 def test_predictions_come_from_eval_mode(in_tmp: Path) -> None:
     """With BatchNorm and Dropout, predict.py's probabilities are the validation step's, call after call."""
-    cli = main([*QUICK, "--model.backbone=mobilenet_v3_small", "--data.batch_size=16", "--trainer.limit_val_batches=1"])
+    cli = train(
+        [*QUICK, "--model.backbone=mobilenet_v3_small", "--data.batch_size=16", "--trainer.limit_val_batches=1"]
+    )
     net = cli.model.net
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
     assert any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in net.modules())

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torchvision
 import yaml
-from helpers import QUICK, run
+from helpers import QUICK, run, train
 from safetensors.torch import save_file
 
-from imgcls.backbones import create_backbone
-from imgcls.cli import main
+from imgcls.backbones.factory import create_backbone
+from imgcls.backbones.weights import resolve_weights
 from imgcls.errors import UserError
 
 RESNET18 = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
@@ -34,6 +34,11 @@ def plant_resnet18(torch_home: Path) -> dict[str, torch.Tensor]:
     return planted
 
 
+def resnet18(num_classes: int, pretrained: bool | str, **kwargs) -> torch.nn.Module:
+    """resnet18 as the model builds it from --model.pretrained."""
+    return create_backbone("resnet18", num_classes, resolve_weights("resnet18", pretrained), **kwargs)
+
+
 def backbone_equals(net: torch.nn.Module, expected: dict[str, torch.Tensor], prefix: str = "") -> bool:
     """Whether every tensor of ``net`` but its ``fc`` head equals ``expected[prefix + name]``."""
     own = {name: tensor for name, tensor in net.state_dict().items() if not name.startswith("fc.")}
@@ -44,7 +49,7 @@ def backbone_equals(net: torch.nn.Module, expected: dict[str, torch.Tensor], pre
 def test_pretrained_loads_the_weights_torchvision_cached(torch_home: Path, pretrained: bool | str) -> None:
     planted = plant_resnet18(torch_home)
     reports: list[str] = []
-    net = create_backbone("resnet18", 7, pretrained, report=reports.append)
+    net = resnet18(7, pretrained, report=reports.append)
     assert backbone_equals(net, planted)  # random planted values: equal only if these very tensors were loaded
     assert net.fc.out_features == 7
     assert reports == [
@@ -61,7 +66,7 @@ def test_training_from_cached_weights_takes_their_preprocessing(
     plant_resnet18(torch_home)
     tiny = ["--data.batch_size=8", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1"]
     with caplog.at_level(logging.INFO):  # the report goes through Lightning's logger, on global rank 0
-        cli = main([*QUICK, *tiny, "--model.pretrained=true", "--data.crop_size=null", "--data.resize_size=null"])
+        cli = train([*QUICK, *tiny, "--model.pretrained=true", "--data.crop_size=null", "--data.resize_size=null"])
     assert "resnet18 IMAGENET1K_V1: loaded 120 of 122 tensors" in caplog.text
     ckpt = torch.load(cli.trainer.checkpoint_callback.best_model_path, weights_only=True)
     transforms = RESNET18.transforms()  # what torchvision says these weights expect
@@ -94,7 +99,7 @@ def test_missing_weights_offline_say_which_file_to_put_where(tmp_path: Path, mon
 def test_partial_load_from_a_lightning_checkpoint_with_other_classes(trained: Path) -> None:
     ckpt = trained / "checkpoints" / "best.ckpt"  # 10 digit classes
     reports: list[str] = []
-    net = create_backbone("resnet18", 3, str(ckpt), report=reports.append)
+    net = resnet18(3, str(ckpt), report=reports.append)
     assert backbone_equals(net, torch.load(ckpt, weights_only=True)["state_dict"], prefix="net.")
     assert net.fc.out_features == 3
     assert reports == [
@@ -108,11 +113,11 @@ def test_wrapper_and_configured_prefixes_are_stripped(tmp_path: Path) -> None:
     source = torchvision.models.resnet18().state_dict()
     wrapped = {f"module._orig_mod.{name}": tensor for name, tensor in source.items()}  # DDP around torch.compile
     save_file(wrapped, tmp_path / "ddp.safetensors")
-    net = create_backbone("resnet18", 5, str(tmp_path / "ddp.safetensors"), report=lambda _: None)
+    net = resnet18(5, str(tmp_path / "ddp.safetensors"), report=lambda _: None)
     assert backbone_equals(net, source)
     nested = {f"student.encoder.{name}": tensor for name, tensor in source.items()}
     torch.save({"model": nested, "epoch": 3}, tmp_path / "distill.pth")  # torchvision's reference-script layout
-    net = create_backbone("resnet18", 5, str(tmp_path / "distill.pth"), prefix="student.encoder.", report=print)
+    net = resnet18(5, str(tmp_path / "distill.pth"), prefix="student.encoder.", report=print)
     assert backbone_equals(net, source)
 
 
@@ -123,9 +128,9 @@ def test_strict_turns_tensors_that_do_not_fit_into_an_error(tmp_path: Path) -> N
     path = tmp_path / "partial.pth"
     torch.save(source, path)
     reports: list[str] = []
-    create_backbone("resnet18", 5, str(path), report=reports.append)
+    resnet18(5, str(path), report=reports.append)
     assert "loaded 119 of 122 tensors" in reports[0]
     assert "missing from the file, kept as initialised: layer4.1.bn2.running_var" in reports[0]
     assert "in the file but not in the model, ignored: extra.weight" in reports[0]
     with pytest.raises(UserError, match="2 tensors do not fit, and loading is strict: layer4.1.bn2.running_var, extra"):
-        create_backbone("resnet18", 5, str(path), strict=True)  # the replaced head is expected not to fit
+        resnet18(5, str(path), strict=True)  # the replaced head is expected not to fit

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import QUICK, finish, run, script, shell_env, start
+from helpers import QUICK, finish, run, script, shell_env, start, train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from imgcls.checkpoints import load_checkpoint
-from imgcls.cli import main
 from imgcls.model import ImageClassifier
 
 # The embedded digits at 32 pixels with resnet18, as configs/default.yaml has them, in batches of 16; without the
@@ -38,7 +37,7 @@ def one_thread() -> Iterator[None]:
 def exit_message(args: list[str], **kwargs) -> str:
     """The one line train.py exits with."""
     with pytest.raises(SystemExit) as stopped:
-        main(args, **kwargs)
+        train(args, **kwargs)
     message = str(stopped.value.code)
     assert "\n" not in message
     return message
@@ -150,7 +149,7 @@ def test_a_nonfinite_loss_stops_naming_the_step_or_is_skipped(in_tmp: Path) -> N
     assert last["global_step"] == 6  # written after the step before the NaN; whole, finite
 
     with pytest.warns(UserWarning, match=r"not finite at step 6 \(epoch 1, batch 2\); skipped that step's update"):
-        cli = main(
+        cli = train(
             [*two_epochs, "--nonfinite_loss.action=skip", "--trainer.gradient_clip_val=0.5"], model_class=NaNAtStep6
         )
     last = load_checkpoint(Path(cli.trainer.checkpoint_callback.dirpath) / "last.ckpt")
@@ -174,14 +173,14 @@ class StopsAfterTwoEpochs(ImageClassifier):
 @pytest.mark.slow
 def test_same_seed_same_metrics_and_resume_is_exact(in_tmp: Path) -> None:
     deterministic = [*LEAN, "--trainer.deterministic=true", "--trainer.limit_train_batches=3"]
-    first, second = (logged_scalars(main(deterministic).trainer.log_dir) for _ in range(2))
+    first, second = (logged_scalars(train(deterministic).trainer.log_dir) for _ in range(2))
     assert {"train/loss", "train/acc", "val/loss", "val/acc", "test/loss", "test/acc"} <= first.keys()
     assert first == second
 
     four = [*deterministic, "--trainer.max_epochs=4"]
-    straight = main(four)
-    main(four, model_class=StopsAfterTwoEpochs)
-    resumed = main([*four, "--ckpt_path=last"])  # the newest last.ckpt: the stopped run's
+    straight = train(four)
+    train(four, model_class=StopsAfterTwoEpochs)
+    resumed = train([*four, "--ckpt_path=last"])  # the newest last.ckpt: the stopped run's
     weights = [
         load_checkpoint(Path(cli.trainer.checkpoint_callback.dirpath) / "last.ckpt") for cli in (straight, resumed)
     ]

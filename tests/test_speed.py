@@ -10,20 +10,20 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import QUICK, run
+from helpers import QUICK, run, train
 from PIL import Image
 
-from imgcls.cli import main
-from imgcls.data import ImageFolderDataModule
-from imgcls.inference import Predictor
-from imgcls.transforms import build_transforms, normalize_batch, open_image, read_image
+from imgcls.data.datamodule import ImageFolderDataModule
+from imgcls.data.images import open_image, read_image
+from imgcls.data.transforms import build_transforms, normalize_batch
+from imgcls.inference.predictor import Predictor
 
 SHORT = [*QUICK, "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1"]
 FALLBACK = "--model.compile: torch.compile failed, training goes on without it"
 
 
 def test_channels_last_trains_and_its_checkpoint_predicts_the_same(in_tmp: Path) -> None:
-    cli = main([*QUICK, "--model.channels_last=true"])
+    cli = train([*QUICK, "--model.channels_last=true"])
     net = cli.model.net
     assert net.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     best = cli.trainer.checkpoint_callback.best_model_path
@@ -36,7 +36,7 @@ def test_channels_last_trains_and_its_checkpoint_predicts_the_same(in_tmp: Path)
 
 @pytest.mark.slow  # inductor compiles resnet18's training and evaluation graphs: about a minute on 2 cores
 def test_compile_trains_the_same_network(in_tmp: Path, recwarn: pytest.WarningsRecorder) -> None:
-    cli = main([*SHORT, "--model.compile=true"])
+    cli = train([*SHORT, "--model.compile=true"])
     assert not [w for w in recwarn if FALLBACK in str(w.message)]
     model = cli.model.eval()
     assert model.compiled is not None  # it compiled, and is still in use
@@ -60,7 +60,7 @@ def test_compile_failure_falls_back_with_one_warning(tmp_path: Path, monkeypatch
 
 def test_float32_matmul_precision_is_set_and_recorded(in_tmp: Path) -> None:
     try:
-        cli = main([*SHORT, "--float32_matmul_precision=high"])
+        cli = train([*SHORT, "--float32_matmul_precision=high"])
         assert torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision("highest")
@@ -103,5 +103,5 @@ def test_training_reads_jpegs_to_the_pixels_prediction_sees(tmp_path: Path) -> N
 
 
 def test_training_leaves_the_garbage_collector_as_it_found_it(in_tmp: Path) -> None:
-    main(SHORT)  # freezes the heap while it trains, so full collections skip what lives for the whole run
+    train(SHORT)  # freezes the heap while it trains, so full collections skip what lives for the whole run
     assert gc.get_freeze_count() == 0 and gc.isenabled()

@@ -11,7 +11,8 @@ import torchvision
 from helpers import run
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from imgcls.strategies import recompute_blocks, register_strategies
+from imgcls.parallel.fsdp2 import recompute_blocks
+from imgcls.parallel.registry import register_strategies
 
 REPORT = "tests/scripts/train_and_report.py"
 # 20 optimizer steps (2 epochs of 10) of ConvNeXt-T without stochastic depth: LayerNorm instead of BatchNorm
@@ -156,7 +157,7 @@ def test_bare_fsdp_flag_wraps_each_block(precision: str, units: int) -> None:
     from lightning.pytorch.strategies import StrategyRegistry
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    from imgcls.strategies import FSDP1Strategy
+    from imgcls.parallel.fsdp1 import FSDP1Strategy
 
     register_strategies()
     strategy = StrategyRegistry.get("fsdp")
@@ -180,4 +181,4 @@ def test_bare_fsdp_flag_wraps_each_block(precision: str, units: int) -> None:
 def test_fsdp_on_a_cpu_is_a_one_line_error(tmp_path: Path) -> None:
     result = run("train.py", "--trainer.strategy=fsdp", "--trainer.accelerator=cpu", cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "error: The strategy `fsdp` requires a GPU accelerator" in result.stderr
+    assert "error: --trainer: The strategy `fsdp` requires a GPU accelerator" in result.stderr

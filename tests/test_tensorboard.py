@@ -15,16 +15,15 @@ import lightning as L
 import pytest
 import torch
 import torchvision
-from helpers import QUICK
+from helpers import QUICK, train
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 from tiny_inspected import Tiny
 
-from imgcls.cli import main
-from imgcls.inspection import layer_group
-from imgcls.summary import ModelSummary
+from imgcls.callbacks.inspection import layer_group
+from imgcls.callbacks.summary import ParameterSummary
 
 EVERYTHING = {"scalars": 0, "images": 0, "histograms": 0, "tensors": 0}  # 0: keep every event, not a sample
 
@@ -139,9 +138,9 @@ def get_json(url: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("error::imgcls.inspection.GradientWarning")  # a healthy ResNet raises no alarm
+@pytest.mark.filterwarnings("error::imgcls.callbacks.inspection.GradientWarning")  # a healthy ResNet raises no alarm
 def test_weight_and_gradient_histograms_are_one_flag_away(in_tmp: Path) -> None:
-    cli = main([*QUICK, "--inspection.histograms=true", "--inspection.every_n_steps=2"])
+    cli = train([*QUICK, "--inspection.histograms=true", "--inspection.every_n_steps=2"])
     events = read(Path(cli.trainer.log_dir))
     sizes: dict[str, int] = {}
     for name, p in cli.model.named_parameters():
@@ -161,7 +160,7 @@ def test_histograms_without_tensorboard_are_a_one_line_error(in_tmp: Path) -> No
     with pytest.raises(
         SystemExit, match="--inspection.histograms=true writes to TensorBoard: keep a TensorBoardLogger"
     ):
-        main([*QUICK, "--trainer.logger=false", "--inspection.histograms=true"])
+        train([*QUICK, "--trainer.logger=false", "--inspection.histograms=true"])
 
 
 def test_model_summary_counts_frozen_parameters_and_sizes_them_at_the_chosen_precision(tmp_path: Path) -> None:
@@ -169,7 +168,7 @@ def test_model_summary_counts_frozen_parameters_and_sizes_them_at_the_chosen_pre
     model.net[0].requires_grad_(False)
     trainer = L.Trainer(
         accelerator="cpu", precision="bf16-true", max_steps=1, logger=TensorBoardLogger(tmp_path, name="", version=""),
-        callbacks=[ModelSummary()], enable_checkpointing=False, enable_progress_bar=False,
+        callbacks=[ParameterSummary()], enable_checkpointing=False, enable_progress_bar=False,
     )  # fmt: skip
     trainer.fit(model)
     summary = text(read(tmp_path), "model/summary")

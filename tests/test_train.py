@@ -5,9 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import QUICK, REPO, run
-
-from imgcls.cli import main
+from helpers import QUICK, REPO, run, train
 
 
 def test_training_writes_checkpoints_config_and_logs(trained: Path) -> None:
@@ -42,9 +40,9 @@ def test_checkpoint_loads_on_cpu_without_the_cli(trained: Path) -> None:
 
 
 def test_resume_continues_from_the_checkpoint(in_tmp: Path) -> None:
-    first = main([*QUICK])
+    first = train([*QUICK])
     last = Path(first.trainer.checkpoint_callback.dirpath) / "last.ckpt"
-    resumed = main([*QUICK, "--trainer.max_epochs=2", "--ckpt_path", str(last)])
+    resumed = train([*QUICK, "--trainer.max_epochs=2", "--ckpt_path", str(last)])
     assert resumed.trainer.current_epoch == 2
     assert resumed.trainer.global_step == 8  # 4 steps restored + 4 new, not 8 new
     saved = torch.load(Path(resumed.trainer.checkpoint_callback.dirpath) / "last.ckpt", weights_only=True)
@@ -52,7 +50,7 @@ def test_resume_continues_from_the_checkpoint(in_tmp: Path) -> None:
 
 
 def test_16_mixed_precision_trains(in_tmp: Path) -> None:
-    cli = main([*QUICK, "--trainer.precision=16-mixed"])
+    cli = train([*QUICK, "--trainer.precision=16-mixed"])
     # CPUs have no fp16 autocast: Lightning runs bf16-mixed there, and warns; GPUs keep 16-mixed.
     assert cli.trainer.precision == ("16-mixed" if torch.cuda.is_available() else "bf16-mixed")
     assert torch.isfinite(cli.trainer.callback_metrics["test/loss"])
@@ -60,7 +58,7 @@ def test_16_mixed_precision_trains(in_tmp: Path) -> None:
 
 def test_bf16_true_precision_trains(in_tmp: Path) -> None:
     """Images arrive as uint8, which Lightning's cast to the weights' dtype skips: the data module casts them after."""
-    cli = main([*QUICK, "--trainer.precision=bf16-true"])
+    cli = train([*QUICK, "--trainer.precision=bf16-true"])
     assert cli.model.net.conv1.weight.dtype == torch.bfloat16
     assert torch.isfinite(cli.trainer.callback_metrics["test/loss"])
 
@@ -95,7 +93,7 @@ def test_print_config_round_trips_through_config(tmp_path: Path) -> None:
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
 def test_config_files_in_configs_parse(config: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as done:
-        main(["--config", str(REPO / "configs" / config), "--print_config"])
+        train(["--config", str(REPO / "configs" / config), "--print_config"])
     assert done.value.code in (0, None), capsys.readouterr().err
     assert "trainer:" in capsys.readouterr().out
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from imgcls.inspection import ParameterInspector
+from imgcls.callbacks.inspection import ParameterInspector
 
 GLOBAL_BATCH = 32
 

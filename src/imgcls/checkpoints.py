@@ -7,12 +7,51 @@ with ``state_dict_type: sharded``): ``.metadata``, one ``__<rank>_0.distcp`` per
 import pickle
 import re
 import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from imgcls.errors import UserError
+
+LOGS = "logs"  # where train.py writes its runs, and where predict.py and export.py look for the newest
+BEST = "best"  # the file name (without .ckpt) of the best checkpoint of a run
+LAST = "last"  # and of its newest: Lightning's ModelCheckpoint.CHECKPOINT_NAME_LAST
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a checkpoint says about its network besides the weights: the architecture, the classes, the
+    preprocessing. The one reading of an ``ImageClassifier``'s hyperparameters, for inference, resume and export."""
+
+    arch: str  # as --model.backbone names it: a torchvision name, or timm/<name>
+    class_names: list[str]
+    preprocess: dict[str, Any]  # imgcls.data.transforms.build_transforms's keyword arguments
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)  # for the builder, e.g. a ViT's image_size
+
+    @classmethod
+    def from_hparams(cls, hparams: Mapping[str, Any], source: object) -> "ModelSpec":
+        """Read ``hparams``; a ``UserError`` naming ``source`` if they are not an ImageClassifier's."""
+        names, kwargs = hparams.get("class_names"), hparams.get("backbone_kwargs") or {}
+        if not isinstance(names, list | tuple) or not names or not all(isinstance(name, str) for name in names):
+            raise UserError(f"{source}: its class_names are {names!r}, not a list of class names")
+        if not isinstance(hparams.get("backbone"), str) or not isinstance(kwargs, Mapping):
+            raise UserError(f"{source}: not a checkpoint of this project's ImageClassifier (no backbone)")
+        if not isinstance(hparams.get("preprocess"), Mapping):
+            raise UserError(f"{source}: not a checkpoint of this project's ImageClassifier (no preprocess)")
+        return cls(hparams["backbone"], list(names), dict(hparams["preprocess"]), dict(kwargs))
+
+    @property
+    def architecture(self) -> str:
+        """``resnet18`` or ``vit_b_16(image_size=384)``: the backbone and the builder arguments that shape it."""
+        kwargs = ", ".join(f"{key}={value}" for key, value in sorted(self.arch_kwargs.items()))
+        return f"{self.arch}({kwargs})" if kwargs else self.arch
+
+    @property
+    def classes(self) -> str:
+        return f"{len(self.class_names)} classes ({', '.join(self.class_names)})"
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -52,10 +91,10 @@ def _torch_load(path: Path, mmap: bool = False) -> Any:
     except pickle.UnpicklingError as error:
         found = re.search(r"GLOBAL (\S+)", str(error))
         if found:  # the pickle asks for a callable: the classic code-execution payload, or a foreign class
-            raise _refusal(path, found[1]) from None
-        raise UserError(f"{path}: not a readable PyTorch checkpoint") from None
+            raise _refusal(path, found[1]) from error
+        raise UserError(f"{path}: not a readable PyTorch checkpoint") from error
     except Exception as error:  # torch.load fails on corrupt files with many exception types
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from None
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from error
 
 
 def consolidate(shards: str | Path, output: str | Path) -> Path:
@@ -78,7 +117,8 @@ def consolidate(shards: str | Path, output: str | Path) -> Path:
 
 def _load_sharded(path: Path) -> dict[str, Any]:
     from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    from imgcls.compat.torch import _load_state_dict_from_keys
 
     if not (path / ".metadata").is_file():
         raise UserError(f"{path}: a folder without .metadata, so not a sharded checkpoint; pass a .ckpt file or shards")
@@ -97,7 +137,8 @@ def _load_sharded(path: Path) -> dict[str, Any]:
     except UserError:
         raise
     except Exception as error:  # a missing or truncated shard file, most often
-        raise UserError(f"{path}: incomplete or corrupt sharded checkpoint ({type(error).__name__}: {error})") from None
+        problem = f"{type(error).__name__}: {error}"
+        raise UserError(f"{path}: incomplete or corrupt sharded checkpoint ({problem})") from error
     return {**meta, **tensors}
 
 
@@ -129,7 +170,7 @@ def _refusal(path: Path, name: str) -> UserError:
     return UserError(f"{path}: refused, it asks to import {name}; only tensors and plain data load from checkpoints")
 
 
-def latest_checkpoint(logs: str | Path = "logs", name: str = "best.ckpt") -> Path:
+def latest_checkpoint(logs: str | Path = LOGS, name: str = f"{BEST}.ckpt") -> Path:
     """Return the most recently written ``name`` under ``logs``: a file, or a sharded folder that has its ``.metadata``.
 
     DCP writes ``.metadata`` last, so a sharded folder without it is one whose writing was cut off.

@@ -1,35 +1,127 @@
-"""The training command line: LightningCLI without subcommands, then fit and test the best checkpoint."""
+"""The training command line: LightningCLI without subcommands; fit, then test the best checkpoint.
 
-import gc
+``main`` reads top-down: build the CLI from the config files and flags, then either print a memory plan or train
+and test, in a process tuned for training; user mistakes end as one line (``imgcls.errors.exit_with``).
+"""
+
 import sys
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from imgcls.allocator import keep_freed_memory
-from imgcls.backbones import weights_preprocess
-from imgcls.collectives import DEFAULT_TIMEOUT_S, apply_timeout, close, describe_failure, is_collective_failure
-from imgcls.dashboard import SaveConfigAndHparams
-from imgcls.data import ImageFolderDataModule
-from imgcls.errors import UserError
-from imgcls.inspection import ParameterInspector
+from imgcls import runtime
+from imgcls.backbones.weights import resolve_weights
+from imgcls.callbacks.crash_safe import CrashSafeCheckpoints
+from imgcls.callbacks.inspection import ParameterInspector
+from imgcls.callbacks.nonfinite import NonFiniteLoss
+from imgcls.callbacks.preemption import EXIT_SIGTERM, Preemption
+from imgcls.callbacks.tensorboard import SaveConfigAndHparams
+from imgcls.checkpoints import BEST, LOGS
+from imgcls.data.datamodule import ImageFolderDataModule
+from imgcls.errors import UserError, exit_with
 from imgcls.model import MONITOR, ImageClassifier
-from imgcls.numerics import NonFiniteLoss
-from imgcls.plan import Plan
-from imgcls.plan_cli import AUTO_FIT, PlanOptions, auto_fit, format_plan, plan_run
-from imgcls.preemption import EXIT_SIGTERM, Preemption
-from imgcls.resume import CrashSafeCheckpoints, check_resumable, resolve_ckpt_path
-from imgcls.strategies import register_strategies
+from imgcls.parallel.collectives import DEFAULT_TIMEOUT_S, apply_timeout, close, describe_failure, is_collective_failure
+from imgcls.parallel.registry import register_strategies
+from imgcls.resume import check_resumable, resolve_ckpt_path
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
+try:  # the memory planner is optional: delete src/imgcls/planner/ and --plan goes with it
+    from imgcls.planner.options import AUTO_FIT, PlanOptions
+except ImportError:
+    AUTO_FIT, PlanOptions = None, None
+
+
+def main(
+    args: list[str] | None = None, model_class: type[ImageClassifier] = ImageClassifier, config: Path | None = None
+) -> "TrainCLI":
+    """Parse the command line (or ``args``) over the ``config`` file, train, then test the best checkpoint.
+
+    Args:
+        args: The flags; ``None`` reads ``sys.argv``.
+        model_class: The LightningModule to train, ``ImageClassifier`` or a subclass.
+        config: The defaults every other config file and flag applies over (train.py passes configs/default.yaml).
+    """
+    debug = "--debug" in (sys.argv[1:] if args is None else args)  # known before parsing, whose errors it shows
+    try:
+        cli = build_cli(args, model_class, config)
+        if cli.plan is not None and cli.trainer is None:  # --plan
+            from imgcls.planner.cli import format_plan
+
+            print(format_plan(cli.plan))
+            return cli
+        with runtime.tuned_for_training(cli.config.keep_freed_memory):
+            fit_and_test(cli)
+    except (UserError, MisconfigurationException) as error:  # Lightning refuses some settings only when fitting
+        exit_with(error, debug)
+    except SIGTERMException:  # a scheduler preempts the job; Preemption has saved last.ckpt
+        if debug:
+            raise
+        print(f"stopped by SIGTERM at step {cli.trainer.global_step}; resume with --ckpt_path last", file=sys.stderr)
+        sys.exit(EXIT_SIGTERM)
+    except RuntimeError as error:
+        if not is_collective_failure(error):  # a bug: its traceback says where
+            raise
+        exit_with(error, debug, describe_failure(error, cli.config.collective_timeout))  # another process died
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # a run that failed
+            torch.distributed.destroy_process_group()
+    return cli
+
+
+def build_cli(args: list[str] | None, model_class: type[ImageClassifier], config: Path | None) -> "TrainCLI":
+    """Parse and instantiate the model, the data and the Trainer; ``cli.plan`` holds the plan if one was asked for."""
+    if config is not None and not config.is_file():
+        raise UserError(f"{config}: the default config is missing; restore it (git checkout {config.name})")
+    register_strategies()  # --trainer.strategy=fsdp / fsdp2 shard block by block
+    return TrainCLI(
+        model_class,
+        ImageFolderDataModule,
+        run=False,
+        auto_configure_optimizers=False,  # the model owns its optimizer; see ImageClassifier.configure_optimizers
+        seed_everything_default=42,
+        save_config_callback=SaveConfigAndHparams,  # config.yaml, and the config and hparams in TensorBoard
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={
+            "callbacks": [CrashSafeCheckpoints(), Preemption()],  # atomic writes; SIGTERM
+            "logger": {
+                "class_path": f"{TensorBoardLogger.__module__}.TensorBoardLogger",
+                "init_args": {"save_dir": LOGS, "name": "", "default_hp_metric": False},  # hp_metric: at the end
+            },
+        },
+        parser_kwargs={"default_config_files": [str(config)] if config is not None else []},
+        args=args,
+    )
+
+
+def fit_and_test(cli: "TrainCLI") -> None:
+    """Train (resuming if asked), test the best checkpoint, say where everything is, close the process groups."""
+    trainer = cli.trainer
+    if cli.config.float32_matmul_precision is not None:
+        torch.set_float32_matmul_precision(cli.config.float32_matmul_precision)
+    ckpt_path = resolve_ckpt_path(cli.config.ckpt_path, trainer)
+    if ckpt_path is not None:
+        check_resumable(ckpt_path, cli.model.hparams)
+    trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
+    best = trainer.checkpoint_callback.best_model_path
+    trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best or None, weights_only=True)
+    log_dir = Path(trainer.log_dir or ".")  # a collective call under DDP: every rank asks
+    if trainer.is_global_zero:
+        print(f"checkpoints: {trainer.checkpoint_callback.dirpath}  (best: {best})")
+        print(f"config:      {log_dir / 'config.yaml'}")
+        print(f"tensorboard: tensorboard --logdir {log_dir}")
+    close(trainer.strategy)  # Lightning leaves the process groups open
 
 
 class TrainCLI(LightningCLI):
+    """LightningCLI with this project's flags, links and checkpoint defaults, and ``--plan``."""
+
+    plan: Any = None  # imgcls.planner.plan.Plan, once --plan or auto_fit made one
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
             "--ckpt_path",
@@ -58,114 +150,49 @@ class TrainCLI(LightningCLI):
             type=bool,
             default=True,
             help="On Linux: let glibc keep the memory each training step frees for the next one, instead of returning "
-            "it to the OS and faulting it in again (CPU training 7-15 %% faster here, the same peak memory). false "
-            "keeps glibc's defaults.",
+            "it to the OS and faulting it in again (faster CPU training, the same peak memory). false keeps glibc's "
+            "defaults.",
         )
         for key in ("num_classes", "class_names", "preprocess"):
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.monitor": MONITOR, "checkpoint.mode": "max"})
-        parser.set_defaults({"checkpoint.filename": "best", "checkpoint.save_last": True})
+        parser.set_defaults({"checkpoint.filename": BEST, "checkpoint.save_last": True})
         parser.add_lightning_class_args(ParameterInspector, "inspection")  # --inspection.histograms=true etc.
         parser.add_lightning_class_args(NonFiniteLoss, "nonfinite_loss")  # --nonfinite_loss.action=skip
-        parser.add_class_arguments(PlanOptions, "plan")  # --plan: the memory each strategy needs, no training
+        if PlanOptions is not None:
+            parser.add_class_arguments(PlanOptions, "plan")  # --plan: the memory each strategy needs, no training
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        # A bare --plan turns planning on; its settings are --plan.device_memory and --plan.headroom.
+        argv = sys.argv[1:] if args is None else args
+        if PlanOptions is not None and isinstance(argv, list) and "--plan" in argv:
+            self.config = parser.parse_args(["--plan.enabled=true" if arg == "--plan" else arg for arg in argv])
+        else:
+            super().parse_arguments(parser, args)
 
     def before_instantiate_classes(self) -> None:
         # Preprocessing the config leaves unset comes from the pretrained weights (torchvision's weights.transforms(),
         # timm's pretrained config); written into the config, it is also what config.yaml records.
         model, data = self.config.model, self.config.data
-        for key, value in weights_preprocess(model.backbone, model.pretrained).items():
+        for key, value in resolve_weights(model.backbone, model.pretrained).preprocess().items():
             if data[key] is None:
                 data[key] = value
-
-    plan: Plan | None = None
-
-    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        # A bare --plan turns planning on; its settings are --plan.device_memory and --plan.headroom.
-        argv = sys.argv[1:] if args is None else args
-        if isinstance(argv, list) and "--plan" in argv:
-            self.config = parser.parse_args(["--plan.enabled=true" if arg == "--plan" else arg for arg in argv])
-        else:
-            super().parse_arguments(parser, args)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer | None:
         # The plan needs the model's and data's settings (linked at instantiation) but no Trainer, which would
         # start processes and refuse GPU-only strategies on this machine.
-        options, trainer = self.config_init.plan, self.config.trainer
-        if options.enabled or trainer.strategy == AUTO_FIT:
+        options, trainer = self.config_init.get("plan"), self.config.trainer
+        if options is not None and (options.enabled or trainer.strategy == AUTO_FIT):
+            from imgcls.planner.cli import auto_fit, plan_run  # the planner's heavy imports, only when asked for
+
             self.plan = plan_run(self.model, self.datamodule, trainer, options)
             if options.enabled:
                 return None
             trainer.strategy = kwargs["strategy"] = auto_fit(self.plan)  # config.yaml records the choice
-        instance = super().instantiate_trainer(**kwargs)
+        try:
+            instance = super().instantiate_trainer(**kwargs)
+        except ValueError as error:  # the Trainer refuses its settings (a GPU-only strategy on a CPU, ...)
+            raise UserError(f"--trainer: {error}") from error
         apply_timeout(instance.strategy, self.config.collective_timeout)
         return instance
-
-
-def main(args: list[str] | None = None, model_class: type[ImageClassifier] = ImageClassifier) -> TrainCLI:
-    """Parse the command line (or ``args``), train, then test the best checkpoint."""
-    register_strategies()  # --trainer.strategy=fsdp / fsdp2 shard block by block
-    debug = "--debug" in (sys.argv[1:] if args is None else args)  # known before parsing, whose errors it shows
-    try:
-        cli = TrainCLI(
-            model_class,
-            ImageFolderDataModule,
-            run=False,
-            auto_configure_optimizers=False,  # the model owns its optimizer; see ImageClassifier.configure_optimizers
-            seed_everything_default=42,
-            save_config_callback=SaveConfigAndHparams,  # config.yaml, and the config and hparams in TensorBoard
-            save_config_kwargs={"overwrite": True},
-            trainer_defaults={"callbacks": [CrashSafeCheckpoints(), Preemption()]},  # atomic writes; SIGTERM
-            parser_kwargs={"default_config_files": [str(DEFAULT_CONFIG)] if DEFAULT_CONFIG.exists() else []},
-            args=args,
-        )
-    except (UserError, MisconfigurationException, ValueError) as error:  # Lightning rejects a configuration
-        _exit(error, debug)
-    if cli.plan is not None and cli.trainer is None:  # --plan
-        print(format_plan(cli.plan))
-        return cli
-    trainer = cli.trainer
-    if cli.config.float32_matmul_precision is not None:
-        torch.set_float32_matmul_precision(cli.config.float32_matmul_precision)
-    # What is built by now (imported modules, the config, the model: about half a million objects) lives for the
-    # whole run. Freezing it keeps Python's full garbage collections from scanning it all again during training,
-    # a 0.4 s pause every few epochs here that hand-written loops, with smaller heaps, do not pay.
-    gc.freeze()
-    try:
-        with keep_freed_memory(cli.config.keep_freed_memory):  # see imgcls.allocator
-            ckpt_path = resolve_ckpt_path(cli.config.ckpt_path, trainer)
-            if ckpt_path is not None:
-                check_resumable(ckpt_path, cli.model.hparams)
-            trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
-            best = trainer.checkpoint_callback.best_model_path
-            trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best or None, weights_only=True)
-    except (UserError, MisconfigurationException) as error:  # Lightning refuses some settings only when fitting
-        _exit(error, debug)
-    except SIGTERMException:  # a scheduler preempts the job; Preemption has saved last.ckpt
-        if debug:
-            raise
-        print(f"stopped by SIGTERM at step {trainer.global_step}; resume with --ckpt_path last", file=sys.stderr)
-        sys.exit(EXIT_SIGTERM)
-    except RuntimeError as error:
-        if not is_collective_failure(error):  # a bug: its traceback says where
-            raise
-        _exit(error, debug, describe_failure(error, cli.config.collective_timeout))  # another process died or hangs
-    else:
-        log_dir = Path(trainer.log_dir or ".")  # a collective call under DDP: every rank asks
-        if trainer.is_global_zero:
-            print(f"checkpoints: {trainer.checkpoint_callback.dirpath}  (best: {best})")
-            print(f"config:      {log_dir / 'config.yaml'}")
-            print(f"tensorboard: tensorboard --logdir {log_dir}")
-        close(trainer.strategy)  # Lightning leaves the process groups open
-    finally:
-        gc.unfreeze()  # so that callers in this process (tests, notebooks) get these objects collected again
-        if torch.distributed.is_available() and torch.distributed.is_initialized():  # a run that failed
-            torch.distributed.destroy_process_group()
-    return cli
-
-
-def _exit(error: BaseException, debug: bool, message: str | None = None) -> NoReturn:
-    """Exit with ``message`` (else ``error``'s) as one line, ``error: ...``; with ``--debug``, raise ``error``."""
-    if debug:
-        raise error
-    sys.exit(f"error: {' '.join((message or str(error)).split())}")

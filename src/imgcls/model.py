@@ -13,10 +13,11 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from imgcls import finetuning
-from imgcls.backbones import Pretrained, architecture_kwargs, create_backbone
-from imgcls.data import IGNORE_INDEX
-from imgcls.reduced import log_reduced
+from imgcls.backbones import finetuning
+from imgcls.backbones.factory import create_backbone
+from imgcls.backbones.weights import Pretrained, resolve_weights
+from imgcls.data.datamodule import IGNORE_INDEX
+from imgcls.parallel.reduced import log_reduced
 
 MONITOR = "val/acc"  # the metric that picks the best checkpoint
 
@@ -73,13 +74,13 @@ class ImageClassifier(L.LightningModule):
         super().__init__()
         # Speed settings stay out of the checkpoint: loading it for inference should not compile anything.
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "pretrained", "channels_last", "compile"])
-        self.pretrained = pretrained
+        self.weights = resolve_weights(backbone, pretrained)
         self.channels_last = channels_last
         self.compile_options = {} if compile is True else compile
         self.compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
         # Weights that change the network (ViT SWAG: 384-pixel position embeddings) are recorded with it, so the
-        # checkpoint rebuilds the same network without them (imgcls.inference).
-        self.hparams.backbone_kwargs = {**architecture_kwargs(backbone, pretrained), **(backbone_kwargs or {})}
+        # checkpoint rebuilds the same network without them (imgcls.inference.predictor).
+        self.hparams.backbone_kwargs = {**self.weights.arch_kwargs(), **(backbone_kwargs or {})}
         self.backbone_kwargs = self.hparams.backbone_kwargs
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -101,7 +102,7 @@ class ImageClassifier(L.LightningModule):
         if self.net is None:
             hp = self.hparams
             self.net = create_backbone(
-                hp.backbone, hp.num_classes, self.pretrained, prefix=hp.pretrained_prefix, strict=hp.pretrained_strict,
+                hp.backbone, hp.num_classes, self.weights, prefix=hp.pretrained_prefix, strict=hp.pretrained_strict,
                 report=rank_zero_info, **self.backbone_kwargs,
             )  # fmt: skip
             if hp.freeze_backbone:
@@ -139,11 +140,11 @@ class ImageClassifier(L.LightningModule):
             loss = F.cross_entropy(logits, targets, label_smoothing=smoothing, reduction="sum") / max(count, 1)
         getattr(self, f"{stage}_metrics").update(logits, targets.argmax(dim=1) if targets.ndim == 2 else targets)
         getattr(self, f"{stage}_loss").update(loss.detach(), count)
-        return {"loss": loss, "logits": logits.detach()}  # callbacks get them as `outputs` (imgcls.figures)
+        return {"loss": loss, "logits": logits.detach()}  # callbacks get them as `outputs` (imgcls.callbacks.figures)
 
     def _log_metrics(self, stage: str) -> None:
         # Once an epoch, not with each step: every self.log call costs about 1 ms, 0.5 % of a small CPU step.
-        # compute() sums the counts of every process, here, in a hook every process runs (see imgcls.reduced).
+        # compute() sums the counts of every process, here, in a hook every process runs (see imgcls.parallel.reduced).
         metrics, loss = getattr(self, f"{stage}_metrics"), getattr(self, f"{stage}_loss")
         log_reduced(self, {**metrics.compute(), f"{stage}/loss": loss.compute()}, prog_bar=True)
         metrics.reset()

@@ -15,6 +15,8 @@ import lightning as L
 
 from imgcls.cli import main
 
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"  # as train.py passes it
+
 FIRST = 2  # the batch index of the first counted step
 
 
@@ -39,4 +41,4 @@ class PageFaults(L.Callback):
 
 if __name__ == "__main__":
     sys.argv.append("--trainer.callbacks+=page_faults.PageFaults")
-    main()
+    main(config=DEFAULT_CONFIG)

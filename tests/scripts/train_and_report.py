@@ -7,13 +7,16 @@ the live model's top-1 class for every 27th test image.
 
 import json
 import sys
+from pathlib import Path
 
 import lightning as L
 import torch
 from torch.distributed.tensor import DTensor
 
 from imgcls.cli import main
-from imgcls.transforms import normalize_batch
+from imgcls.data.transforms import normalize_batch
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"  # as train.py passes it
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -55,4 +58,4 @@ class Report(L.Callback):
 
 
 if __name__ == "__main__":
-    main([*sys.argv[1:], "--trainer.callbacks+=train_and_report.Report"])
+    main([*sys.argv[1:], "--trainer.callbacks+=train_and_report.Report"], config=DEFAULT_CONFIG)

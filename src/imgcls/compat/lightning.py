@@ -3,10 +3,29 @@
 from collections.abc import Callable
 from datetime import timedelta
 from types import FrameType
+from typing import Any
 
 import lightning as L
+from lightning.fabric.connector import _convert_precision_to_unified_args
+from lightning.fabric.strategies.fsdp import _activation_checkpointing_kwargs
 from lightning.pytorch.strategies import Strategy
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+
+
+def activation_checkpointing_kwargs(blocks: set[type[nn.Module]]) -> dict[str, Any]:
+    """FSDP1's activation checkpointing arguments for these block classes, as Lightning's strategy builds them."""
+    return _activation_checkpointing_kwargs(None, blocks)
+
+
+def unified_precision(precision: Any) -> str | None:
+    """Lightning's precision flag in its current spelling (``16`` -> ``16-mixed``, ``bf16`` -> ``bf16-mixed``)."""
+    return _convert_precision_to_unified_args(precision)
+
+
+def finds_unused_parameters(strategy: Strategy) -> bool:
+    """Whether a DDP strategy looks for parameters without gradients (``ddp_find_unused_parameters_true``)."""
+    return bool(getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters"))
 
 
 def device_mesh(strategy: Strategy) -> DeviceMesh | None:

@@ -1,0 +1,137 @@
+"""What the model gets right and wrong, as TensorBoard images: a confusion matrix and labelled sample predictions."""
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from matplotlib.figure import Figure  # imported with the callback, before imgcls.cli freezes the heap for training
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from imgcls.callbacks.tensorboard import tensorboard
+from imgcls.data.datamodule import IGNORE_INDEX
+from imgcls.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+Sample = tuple[torch.Tensor, int, int]  # (image (3, H, W) as the model saw it, predicted label, true label)
+MAX_TEXT_CLASSES = 30  # above this, counts written in the cells become unreadable and slow to draw
+
+
+class PredictionFigures(Callback):
+    """After each validation epoch, and after testing, log to TensorBoard:
+
+    - ``{stage}/confusion_matrix``: counts of true (rows) against predicted (columns) classes over every image of
+      the stage, from torchmetrics, summed over all processes.
+    - ``{stage}/samples``: ``num_samples`` images labelled predicted/true, misclassified ones first (red), taken
+      from the first batches of the first process.
+
+    Works with ``ImageClassifier``: reads ``num_classes``, ``class_names`` and ``preprocess`` (to undo the
+    normalisation) from its hyperparameters, and the logits its ``validation_step``/``test_step`` return.
+
+    Args:
+        confusion_matrix: Log the confusion matrix.
+        num_samples: Images in the sample grid; 0 turns it off.
+    """
+
+    def __init__(self, confusion_matrix: bool = True, num_samples: int = 16) -> None:
+        self.confusion_matrix = confusion_matrix
+        self.num_samples = num_samples
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._matrix = MulticlassConfusionMatrix(pl_module.hparams.num_classes)
+        self._class_names = pl_module.hparams.class_names or [str(i) for i in range(pl_module.hparams.num_classes)]
+        preprocess = pl_module.hparams.preprocess or {}
+        self._mean = torch.tensor(preprocess.get("mean", IMAGENET_MEAN)).view(3, 1, 1)
+        self._std = torch.tensor(preprocess.get("std", IMAGENET_STD)).view(3, 1, 1)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(pl_module)
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(pl_module)
+
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not trainer.sanity_checking:
+            self._update(trainer, outputs["logits"], *batch)
+
+    def on_test_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._update(trainer, outputs["logits"], *batch)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._log(trainer, "val")
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._log(trainer, "test")
+
+    def _start(self, pl_module: L.LightningModule) -> None:
+        self._matrix = self._matrix.to(pl_module.device)
+        self._matrix.reset()
+        self._wrong: list[Sample] = []
+        self._right: list[Sample] = []
+
+    def _update(self, trainer: L.Trainer, logits: torch.Tensor, images: torch.Tensor, targets: torch.Tensor) -> None:
+        real = targets != IGNORE_INDEX  # drop the padding that evenly split evaluation on several devices
+        logits, images, targets = logits[real], images[real], targets[real]
+        if self.confusion_matrix:
+            self._matrix.update(logits, targets)
+        if not trainer.is_global_zero:
+            return
+        predicted = logits.argmax(dim=1)
+        wrong = predicted != targets
+        for mask, kept in ((wrong, self._wrong), (~wrong, self._right)):
+            room = self.num_samples - len(kept)
+            if room > 0:
+                chosen = mask.nonzero().flatten()[:room]
+                kept.extend(
+                    zip(images[chosen].float().cpu(), predicted[chosen].tolist(), targets[chosen].tolist(), strict=True)
+                )
+
+    def _log(self, trainer: L.Trainer, stage: str) -> None:
+        matrix = self._matrix.compute() if self.confusion_matrix else None  # collective: every process calls it
+        writer = tensorboard(trainer)
+        if writer is None:
+            return
+        if matrix is not None:
+            writer.add_figure(f"{stage}/confusion_matrix", self._confusion_figure(matrix), trainer.global_step)
+        samples = (self._wrong + self._right)[: self.num_samples]
+        if samples:
+            writer.add_figure(f"{stage}/samples", self._samples_figure(samples), trainer.global_step)
+
+    def _confusion_figure(self, matrix: torch.Tensor) -> Figure:
+        n = len(self._class_names)
+        side = min(4 + 0.5 * n, 24)
+        figure = Figure(figsize=(side, side), layout="constrained")
+        self._matrix.plot(matrix, ax=figure.add_subplot(), add_text=n <= MAX_TEXT_CLASSES, labels=self._class_names)
+        return figure
+
+    def _samples_figure(self, samples: list[Sample]) -> Figure:
+        columns = math.ceil(math.sqrt(len(samples)))
+        rows = math.ceil(len(samples) / columns)
+        figure = Figure(figsize=(1.8 * columns, 2.0 * rows), layout="constrained")
+        figure.suptitle("predicted / true, misclassified first")
+        axes = figure.subplots(rows, columns, squeeze=False).flatten()
+        for ax in axes:
+            ax.axis("off")
+        for ax, (image, predicted, true) in zip(axes, samples, strict=False):
+            pixels = (image * self._std + self._mean).clamp(0, 1).permute(1, 2, 0)  # (H, W, 3), as loaded
+            ax.imshow(pixels.numpy(), interpolation="nearest")
+            names = self._class_names
+            ax.set_title(f"{names[predicted]} / {names[true]}", color="green" if predicted == true else "red")
+        return figure

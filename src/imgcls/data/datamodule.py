@@ -1,0 +1,264 @@
+"""The data: any ImageFolder tree on disk, a torchvision dataset, or the embedded digits, as a LightningDataModule."""
+
+import copy
+import os
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, WeightedRandomSampler
+from torchvision.transforms import v2
+
+from imgcls.data.checks import CheckedImageFolder, CheckImages, OnBadImage, check_splits, collate, raise_if_bad
+from imgcls.data.digits import write_digits
+from imgcls.data.torchvision_datasets import open_torchvision_splits
+from imgcls.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Augment,
+    build_batch_mix,
+    build_transforms,
+    normalize_batch,
+)
+from imgcls.errors import UserError
+
+DIGITS_ROOT = Path("data/digits")
+IGNORE_INDEX = -100  # the label of padding: cross_entropy's default ignore_index, and the metrics' too
+DEFAULT_CROP_SIZE = 224
+
+
+class ImageFolderDataModule(L.LightningDataModule):
+    """Images in class folders: ``root/{train,val[,test]}/<class>/*`` or ``root/<class>/*``; or a torchvision dataset.
+
+    Preprocessing left at ``None`` is filled in by the CLI from the backbone's pretrained weights; what is still
+    unset follows ImageNet's convention: a ``DEFAULT_CROP_SIZE`` crop, bilinear, ImageNet mean and std.
+
+    The datasets and loaders give uint8 images; ``on_after_batch_transfer`` normalises each batch on the device
+    (``imgcls.data.transforms.normalize_batch``), which is faster than per image in the loader processes.
+
+    Args:
+        root: The dataset folder. ``None`` uses the embedded digits, written to ``data/digits`` on first use.
+        dataset: A torchvision dataset class (``CIFAR10``, ``MNIST``, ``Flowers102``, ...) to read from ``root``
+            instead of class folders. Its test split, if any, is the test set.
+        download: Let the torchvision dataset download itself into ``root`` when missing.
+        val_fraction: Share of the training images held out for validation when ``root`` has no ``val``
+            folder (a seeded split). Without a ``test`` folder, testing uses the validation images.
+        batch_size: Images per batch and per device.
+        num_workers: Loader processes per device; ``None`` uses the CPUs this process may run on.
+        pin_memory: Page-locked host memory for faster copies; ``None`` enables it when CUDA is present.
+        persistent_workers: Keep loader processes alive between epochs.
+        crop_size: Side of the square the model sees.
+        resize_size: Short side before the center crop in evaluation; ``None`` is ``crop_size * 8 / 7``.
+        mean: Per-channel normalisation mean (RGB).
+        std: Per-channel normalisation standard deviation (RGB).
+        interpolation: Resize interpolation (``bilinear``, ``bicubic``, ``nearest``).
+        augment: Training augmentation preset: ``none``, ``basic`` (random resized crop and flip), ``strong``
+            (``basic`` with TrivialAugment and random erasing).
+        mixup_alpha: MixUp's Beta(alpha, alpha) mixing strength for training batches; 0 disables it.
+        cutmix_alpha: CutMix's strength for training batches; 0 disables it. With both, each batch gets one.
+        mix_prob: Share of training batches that are mixed when MixUp or CutMix is enabled.
+        balanced_sampling: Draw training images so every class is equally frequent (with replacement).
+        seed: Seed of the train/val split and of the training order.
+        check_images: What setup reads of every image file in class folders: ``header`` (fast: finds empty,
+            non-image and broken files and decompression bombs), ``full`` (decodes each: also finds truncated
+            files; slow for large datasets) or ``none``. Files that fail later are caught while loading.
+        on_bad_image: ``error`` stops with the paths of unreadable images; ``skip`` leaves them out, with a warning.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        dataset: str | None = None,
+        download: bool = False,
+        val_fraction: float = 0.1,
+        batch_size: int = 64,
+        num_workers: int | None = None,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
+        crop_size: int | None = None,
+        resize_size: int | None = None,
+        mean: tuple[float, float, float] | None = None,
+        std: tuple[float, float, float] | None = None,
+        interpolation: str | None = None,
+        augment: Augment = "basic",
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        mix_prob: float = 1.0,
+        balanced_sampling: bool = False,
+        seed: int = 0,
+        check_images: CheckImages = "header",
+        on_bad_image: OnBadImage = "error",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.sources: dict[str, Dataset] = {}  # splits without transforms; ImageFolder ones are opened in setup
+        if dataset is not None:
+            if root is None:
+                raise UserError(f"--data.dataset {dataset} needs --data.root, the folder that holds its files")
+            self.root = Path(root).expanduser()
+            self.sources = open_torchvision_splits(dataset, self.root, download)
+            self.class_names = [str(name) for name in self.sources["train"].classes]
+        else:
+            self.root = Path(root).expanduser() if root is not None else write_digits(DIGITS_ROOT)
+            if not self.root.is_dir():
+                raise UserError(f"--data.root {self.root}: no such folder; point it at an ImageFolder tree")
+            self.train_dir = self.root / "train" if (self.root / "train").is_dir() else self.root
+            self.class_names = _class_names(self.train_dir)
+            if len(self.class_names) == 1:
+                raise UserError(
+                    f"{self.train_dir}: a single class folder, {self.train_dir / self.class_names[0]}; a classifier "
+                    f"needs two or more, so put each class's images in a folder of its own under {self.train_dir}"
+                )
+        self.num_classes = len(self.class_names)
+        crop_size = crop_size or DEFAULT_CROP_SIZE
+        self.preprocess = {
+            "crop_size": crop_size,
+            "resize_size": resize_size or round(crop_size * 8 / 7),
+            "mean": list(mean or IMAGENET_MEAN),
+            "std": list(std or IMAGENET_STD),
+            "interpolation": interpolation or "bilinear",
+        }
+        if min(self.preprocess["std"]) <= 0:  # normalize_batch divides by it: infinities, not an error, otherwise
+            raise UserError(f"--data.std {self.preprocess['std']}: every channel's must be above 0")
+        self.mix = build_batch_mix(self.num_classes, mixup_alpha, cutmix_alpha, mix_prob)
+        self.datasets: dict[str, Dataset] = {}
+
+    def setup(self, stage: str) -> None:
+        if self.datasets:
+            return
+        train_tf = build_transforms(train=True, augment=self.hparams.augment, normalize=False, **self.preprocess)
+        eval_tf = build_transforms(train=False, normalize=False, **self.preprocess)
+        if self.hparams.dataset is not None:  # torchvision datasets hand over images as stored: MNIST's are gray
+            train_tf, eval_tf = v2.Compose([v2.RGB(), train_tf]), v2.Compose([v2.RGB(), eval_tf])
+        sources = self.sources or self._folders()
+        train, val, test = sources["train"], sources.get("val"), sources.get("test")
+        if val is None:
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.hparams.seed)).tolist()
+            n_val = max(1, round(len(train) * self.hparams.val_fraction))
+            val = Subset(_with_transform(train, eval_tf), order[:n_val])
+            train = Subset(_with_transform(train, train_tf), order[n_val:])
+        else:
+            train, val = _with_transform(train, train_tf), _with_transform(val, eval_tf)
+        test = _with_transform(test, eval_tf) if test is not None else val
+        self.datasets = {"train": train, "val": val, "test": test}
+
+    def _folders(self) -> dict[str, Dataset]:
+        """The ImageFolder splits: ``train``, and ``val``/``test`` where ``root`` has them beside ``train``."""
+        folders = {"train": CheckedImageFolder(self.train_dir)}
+        for split in ("val", "test"):
+            path = self.root / split
+            if self.train_dir != self.root and path.is_dir():
+                found = _class_names(path)
+                if found != self.class_names:
+                    missing = [str(self.train_dir / name) for name in self.class_names if name not in found]
+                    extra = [str(path / name) for name in found if name not in self.class_names]
+                    differences = [f"no {path.name} folder for {', '.join(missing)}"] if missing else []
+                    differences += [f"{', '.join(extra)} not in {self.train_dir}"] if extra else []
+                    raise UserError(
+                        f"{path}: its class folders differ from the training classes ({'; '.join(differences)}); "
+                        f"give {path} the same class folders as {self.train_dir}"
+                    )
+                folders[split] = CheckedImageFolder(path)
+        check_splits(folders, self.hparams.check_images, self.hparams.on_bad_image, self._workers())
+        return folders
+
+    def _workers(self) -> int:
+        workers = self.hparams.num_workers
+        if workers is None:
+            workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0
+        return workers
+
+    def _loader(self, split: str) -> DataLoader:
+        workers = self._workers()
+        pin = self.hparams.pin_memory
+        dataset = self.datasets[split]
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        if split == "train" and self.hparams.balanced_sampling:
+            # Seeded draws, the same on every rank, which the wrapper then deals out between the ranks.
+            labels = _labels(dataset)
+            weights = (1.0 / torch.bincount(labels, minlength=self.num_classes).clamp(min=1))[labels]
+            seeded = torch.Generator().manual_seed(self.hparams.seed)
+            draws = WeightedRandomSampler(weights.double(), len(labels), generator=seeded)
+            sampler = DistributedSamplerWrapper(draws, num_replicas=world, rank=rank, shuffle=False)
+        elif split == "train":
+            # A seeded DistributedSampler at every world size: the global batches are the same images in the
+            # same order on 1 device or on 8, so a run can move between machines and stay comparable.
+            sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=self.hparams.seed)
+        else:
+            # Lightning's default sampler pads evaluation by repeating images, which biases the metrics. Here the
+            # padding is labelled IGNORE_INDEX, so loss and metrics skip it, and every rank still runs the same
+            # number of batches, which sharded models need: each forward is a collective.
+            dataset = PaddedForRanks(dataset, world)
+            sampler = DistributedSampler(dataset, world, rank, shuffle=False)
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            sampler=sampler,
+            drop_last=split == "train",
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available() if pin is None else pin,
+            persistent_workers=self.hparams.persistent_workers and workers > 0,
+            collate_fn=partial(collate, on_bad=self.hparams.on_bad_image),  # unreadable images: see imgcls.data.checks
+        )
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return raise_if_bad(batch)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        images, targets = batch
+        images = normalize_batch(images, self.preprocess["mean"], self.preprocess["std"])  # uint8 until here
+        if self.mix is not None and self.trainer.training:
+            images, targets = self.mix(images, targets)  # labels (B,) become soft targets (B, num_classes)
+        # Lightning casts batches to 16-true / bf16-true precision before this hook, when they were still uint8.
+        return self.trainer.precision_plugin.convert_input(images), targets
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+
+def _class_names(folder: Path) -> list[str]:
+    names = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())  # as ImageFolder sorts them
+    if not names:
+        raise UserError(f"{folder}: no class folders; put images in {folder}/<class name>/")
+    return names
+
+
+class PaddedForRanks(Dataset):
+    """``dataset`` padded to a multiple of ``world`` with copies of its first image labelled ``IGNORE_INDEX``."""
+
+    def __init__(self, dataset: Dataset, world: int) -> None:
+        self.dataset, self.size = dataset, len(dataset)
+        self.padded = -(-self.size // world) * world
+
+    def __len__(self) -> int:
+        return self.padded
+
+    def __getitem__(self, index: int) -> Any:
+        if index < self.size:
+            return self.dataset[index]
+        return self.dataset[0][0], IGNORE_INDEX
+
+
+def _labels(dataset: Dataset) -> torch.Tensor:
+    """The class index of every sample, from the dataset's ``targets``, without opening images."""
+    base, indices = (dataset.dataset, dataset.indices) if isinstance(dataset, Subset) else (dataset, None)
+    if getattr(base, "targets", None) is None:
+        raise UserError("--data.balanced_sampling: this dataset does not list its labels (no .targets)")
+    targets = torch.as_tensor(base.targets)
+    return targets if indices is None else targets[torch.as_tensor(indices)]
+
+
+def _with_transform(images: Dataset, transform: Any) -> Dataset:
+    """A copy of ``images`` with another transform, without scanning the folder or reading the files again."""
+    view = copy.copy(images)
+    view.transform = transform
+    return view

@@ -1,0 +1,105 @@
+"""Prediction without Lightning: a checkpoint or an exported bundle, on any device, preprocessed as in validation."""
+
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from imgcls.backbones.factory import create_backbone
+from imgcls.checkpoints import ModelSpec, load_checkpoint
+from imgcls.data.transforms import build_transforms
+from imgcls.errors import UserError
+from imgcls.inference.exported import is_bundle, read_bundle
+
+Prediction = list[tuple[str, float]]  # (class name, probability), most likely first
+
+
+def load_weights(source: str | Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+    """Read the spec and the backbone's state dict from a Lightning checkpoint (file or sharded folder) or a bundle."""
+    path = Path(source).expanduser()
+    if is_bundle(path):
+        return read_bundle(path)
+    ckpt = load_checkpoint(path)
+    hparams, state = ckpt.get("hyper_parameters"), ckpt.get("state_dict")
+    if not isinstance(hparams, dict) or not isinstance(state, dict):
+        raise UserError(f"{source}: not a checkpoint of this project's ImageClassifier (no hyperparameters or weights)")
+    return ModelSpec.from_hparams(hparams, source), _submodule_state(state, "net")
+
+
+def _submodule_state(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """The entries of submodule ``name``, keyed as its own ``state_dict()`` keys them.
+
+    The version metadata comes along: some modules read it when loading (MNASNet refuses to load without it).
+    """
+    prefix = f"{name}."
+    own = OrderedDict((key.removeprefix(prefix), value) for key, value in state.items() if key.startswith(prefix))
+    metadata = getattr(state, "_metadata", {})
+    own._metadata = {key.removeprefix(name).removeprefix("."): value for key, value in metadata.items()
+                     if key == name or key.startswith(prefix)}  # fmt: skip
+    return own
+
+
+def build_network(spec: ModelSpec, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """The network ``spec`` describes, holding ``weights`` in float32, in eval mode.
+
+    It is built on the meta device and the weights are assigned, not copied, so no time goes into a random
+    initialisation they would overwrite: bit-identical logits for every torchvision classification model.
+    A network with tensors that no state dict holds (non-persistent buffers, in some timm models) or a constructor
+    that computes with tensor values (RegNet's widths) is built for real.
+    """
+    net = _on_meta_device(spec)
+    if net is not None:
+        net.load_state_dict(weights, assign=True)
+    if net is None or any(buffer.is_meta for buffer in net.buffers()):
+        net = create_backbone(spec.arch, len(spec.class_names), **spec.arch_kwargs)
+        net.load_state_dict(weights, assign=True)
+    return net.float().eval()  # eval: BatchNorm uses its running statistics and Dropout is off
+
+
+def _on_meta_device(spec: ModelSpec) -> nn.Module | None:
+    try:
+        with torch.device("meta"):
+            return create_backbone(spec.arch, len(spec.class_names), **spec.arch_kwargs)
+    except UserError:
+        raise
+    except Exception:  # the constructor needs tensor values: "Cannot copy out of meta tensor", "item() on meta", ...
+        return None
+
+
+class Predictor:
+    """A trained classifier in eval mode, with the class names and preprocessing saved alongside its weights."""
+
+    def __init__(self, source: str | Path, device: str = "cpu") -> None:
+        self.spec, weights = load_weights(source)
+        self.class_names = self.spec.class_names
+        try:
+            self.transform = build_transforms(train=False, **self.spec.preprocess)
+        except (TypeError, ValueError) as error:
+            raise UserError(f"{source}: unusable preprocessing settings {self.spec.preprocess} ({error})") from error
+        self.device = torch.device(device)
+        try:
+            net = build_network(self.spec, weights)
+        except (RuntimeError, ValueError) as error:  # load_state_dict's complaints: missing, unexpected, misshapen keys
+            summary = " ".join(str(error).split())[:300]
+            expected = f"a {len(self.class_names)}-class {self.spec.arch}"
+            raise UserError(f"{source}: its weights do not fit {expected} ({summary})") from error
+        self.net = net.to(self.device)
+
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        """Turn RGB images into the batch the network takes, ``(B, 3, crop_size, crop_size)``, on the device."""
+        return torch.stack([self.transform(image) for image in images]).to(self.device)
+
+    @torch.inference_mode()
+    def probabilities(self, images: list[Image.Image]) -> torch.Tensor:
+        """Return the class probabilities, ``(B, num_classes)`` on the CPU."""
+        return self.net(self.preprocess(images)).float().softmax(dim=1).cpu()
+
+    def __call__(self, images: list[Image.Image], topk: int = 5) -> list[Prediction]:
+        """Return the ``topk`` most likely classes for each RGB image."""
+        values, indices = self.probabilities(images).topk(min(topk, len(self.class_names)), dim=1)
+        return [
+            [(self.class_names[i], p) for i, p in zip(row_indices.tolist(), row_values.tolist(), strict=True)]
+            for row_indices, row_values in zip(indices, values, strict=True)
+        ]
