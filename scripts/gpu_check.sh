@@ -9,7 +9,7 @@ if [ -x .venv/bin/python ]; then python=.venv/bin/python; else python=python3; e
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 "$python" scripts/gpu_check.py "$@"
 "$python" benchmarks/plan_accuracy.py  # the memory planner against torch.cuda.max_memory_allocated
-# Issue 8's GPU row: ResNet-50 in bf16 with channels_last, eager and compiled, the template against the raw loop.
+# Training throughput on the GPU: ResNet-50 in bf16 with channels_last, eager and compiled, against the hand-written loop.
 "$python" benchmarks/data_pipeline.py --repeats 1 --per_run 200  # also writes data/bench_jpegs
 for compiled in "" --compile; do
   "$python" benchmarks/train_throughput.py --root data/bench_jpegs --backbone resnet50 --crop_size 224 \

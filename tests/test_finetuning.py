@@ -1,7 +1,5 @@
 """Finetuning from a checkpoint: a frozen backbone stays as loaded, unfreezing trains it, at its own learning rate."""
 
-import re
-import shlex
 from pathlib import Path
 
 import lightning as L
@@ -55,21 +53,6 @@ def test_freeze_backbone_trains_only_the_head(trained: Path, in_tmp: Path) -> No
     last = torch.load(Path(cli.trainer.checkpoint_callback.dirpath) / "last.ckpt", weights_only=True)["state_dict"]
     assert differ(backbone(last), backbone(start)) == set()
     assert not torch.equal(last["net.fc.weight"], start["net.fc.weight"])
-
-
-def test_readme_has_the_backbone_weights_and_finetuning_table(capsys: pytest.CaptureFixture) -> None:
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## Backbones, pretrained weights and finetuning", 1)[1].split("\n## ", 1)[0]
-    rows = [line for line in section.splitlines() if line.startswith("| ")]
-    for need in ("torchvision backbone", "timm backbone", "online", "offline", "own file", "freeze", "unfreez"):
-        assert any(need in row for row in rows), need
-    commands = re.findall(r"`python train\.py ([^`]+)`", section)
-    assert len(commands) >= 8
-    for command in commands:  # every flag the table shows parses
-        with pytest.raises(SystemExit) as done:
-            train([*shlex.split(command), "--print_config"])
-        assert done.value.code in (0, None), command
-    capsys.readouterr()
 
 
 def test_gradual_unfreezing_under_ddp_asks_for_unused_parameter_detection() -> None:

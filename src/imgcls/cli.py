@@ -23,6 +23,7 @@ from imgcls.callbacks.nonfinite import NonFiniteLoss
 from imgcls.callbacks.preemption import EXIT_SIGTERM, Preemption
 from imgcls.callbacks.tensorboard import SaveConfigAndHparams
 from imgcls.checkpoints import BEST, LOGS
+from imgcls.compat.lightning import quiet_known_warnings
 from imgcls.data.datamodule import ImageFolderDataModule
 from imgcls.errors import UserError, exit_with
 from imgcls.model import MONITOR, ImageClassifier
@@ -77,6 +78,7 @@ def build_cli(args: list[str] | None, model_class: type[ImageClassifier], config
     """Parse and instantiate the model, the data and the Trainer; ``cli.plan`` holds the plan if one was asked for."""
     if config is not None and not config.is_file():
         raise UserError(f"{config}: the default config is missing; restore it (git checkout {config.name})")
+    quiet_known_warnings()
     register_strategies()  # --trainer.strategy=fsdp / fsdp2 shard block by block
     return TrainCLI(
         model_class,
@@ -181,7 +183,7 @@ class TrainCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer | None:
         # The plan needs the model's and data's settings (linked at instantiation) but no Trainer, which would
-        # start processes and refuse GPU-only strategies on this machine.
+        # start processes and refuse GPU-only strategies on a machine without the GPUs it plans for.
         options, trainer = self.config_init.get("plan"), self.config.trainer
         if options is not None and (options.enabled or trainer.strategy == AUTO_FIT):
             from imgcls.planner.cli import auto_fit, plan_run  # the planner's heavy imports, only when asked for

@@ -143,7 +143,7 @@ class ImageClassifier(L.LightningModule):
         return {"loss": loss, "logits": logits.detach()}  # callbacks get them as `outputs` (imgcls.callbacks.figures)
 
     def _log_metrics(self, stage: str) -> None:
-        # Once an epoch, not with each step: every self.log call costs about 1 ms, 0.5 % of a small CPU step.
+        # Once an epoch, not with each step: self.log calls cost Python time on every step (benchmarks/README.md).
         # compute() sums the counts of every process, here, in a hook every process runs (see imgcls.parallel.reduced).
         metrics, loss = getattr(self, f"{stage}_metrics"), getattr(self, f"{stage}_loss")
         log_reduced(self, {**metrics.compute(), f"{stage}/loss": loss.compute()}, prog_bar=True)

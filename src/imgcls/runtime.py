@@ -2,11 +2,11 @@
 
 - The garbage collector: what is built before training (imported modules, the config, the model: about half a
   million objects) lives for the whole run. Freezing it keeps Python's full collections from scanning it all again
-  during training, a 0.4 s pause every few epochs that hand-written loops, with smaller heaps, do not pay.
+  during training: pauses every few epochs that hand-written loops, with smaller heaps, do not pay.
 - Freed memory (glibc only): PyTorch's CPU allocator has no cache. Each training step's activations and gradients
   go back to glibc's malloc, which returns large blocks to the OS (unmapping them, or trimming the heap), and the
-  next step faults every page in again, zeroed: about 7,000 page faults a step for resnet18 at batch 64, 7-15 % of
-  CPU training time (benchmarks/RESULTS.md). Serving every block from the heap and never trimming it makes steps
+  next step faults every page in again, zeroed: thousands of page faults a step, a good part of CPU training time
+  (benchmarks/README.md). Serving every block from the heap and never trimming it makes steps
   reuse the same pages; the peak memory is unchanged, it is just not returned between steps. This is what PyTorch's
   CPU tuning guide gets by preloading jemalloc or tcmalloc, done with glibc's own ``mallopt``.
 

@@ -1,5 +1,6 @@
 """The private parts of Lightning this project relies on, in one place: the first to check after an upgrade."""
 
+import warnings
 from collections.abc import Callable
 from datetime import timedelta
 from types import FrameType
@@ -11,6 +12,11 @@ from lightning.fabric.strategies.fsdp import _activation_checkpointing_kwargs
 from lightning.pytorch.strategies import Strategy
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+
+
+def quiet_known_warnings() -> None:
+    """Silence the deprecation warnings Lightning's own code raises with this torch (each run printed three)."""
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def activation_checkpointing_kwargs(blocks: set[type[nn.Module]]) -> dict[str, Any]:

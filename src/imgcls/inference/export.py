@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from imgcls.backbones.factory import ARCH_DEFAULTS
 from imgcls.errors import UserError
 from imgcls.inference.exported import MANIFEST, STATE_DICT, write_bundle
 from imgcls.inference.predictor import Predictor
@@ -59,9 +60,9 @@ def export(predictor: Predictor, directory: Path, formats: Sequence[str]) -> dic
             verbose=False,
         )
     programs = {fmt: path.name for fmt, path in written.items() if fmt in PROGRAMS}
-    # create_backbone turns GoogLeNet's and Inception's auxiliary heads off; a plain get_model call must be told
-    aux = {"aux_logits": False} if getattr(net, "aux_logits", None) is False else {}
-    spec = replace(predictor.spec, arch_kwargs={**aux, **predictor.spec.arch_kwargs})
+    # what create_backbone always passes (GoogLeNet's and Inception's heads off): a plain get_model call must be told
+    defaults = ARCH_DEFAULTS.get(predictor.spec.arch, {})
+    spec = replace(predictor.spec, arch_kwargs={**defaults, **predictor.spec.arch_kwargs})
     write_bundle(directory, spec, net.state_dict(), programs)
     return written
 

@@ -188,7 +188,7 @@ class _PeakOnly:
     """Only the step's peak by category, and the peak of what stays on the device under CPU offload.
 
     MemTracker also records each module's own peak, at a cost proportional to the number of modules for every
-    operator (15 s instead of 1.7 s for a ViT-L/16 step on a CPU); the planner needs the whole step's only.
+    operator (for a ViT, several times the cost of the step itself); the planner needs the whole step's only.
     """
 
     _curr_mem_snap: dict[torch.device, dict]
