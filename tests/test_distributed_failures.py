@@ -43,7 +43,7 @@ def wait_for(path: Path, process, timeout: float = 120) -> None:
 def test_a_hang_fails_its_test_with_the_stack_of_every_rank(tmp_path: Path) -> None:
     # The default collective timeout (10 minutes) is far beyond the test's deadline: the test itself must catch it.
     with pytest.raises(Hung) as hung:
-        run("train.py", *PLANTED, cwd=tmp_path, env=PLANTED_ENV, deadline=60)
+        run("train.py", *PLANTED, cwd=tmp_path, env=PLANTED_ENV, deadline=45)
     message = str(hung.value)
     stacks = message.split("=== stack of pid ")[1:]
     ranks = [stack for stack in stacks if "train.py" in stack.splitlines()[0] and "in <module>" in stack]

@@ -134,3 +134,25 @@ def test_strict_turns_tensors_that_do_not_fit_into_an_error(tmp_path: Path) -> N
     assert "in the file but not in the model, ignored: extra.weight" in reports[0]
     with pytest.raises(UserError, match="2 tensors do not fit, and loading is strict: layer4.1.bn2.running_var, extra"):
         resnet18(5, str(path), strict=True)  # the replaced head is expected not to fit
+
+
+@pytest.mark.slow
+def test_published_vit_weights_are_resized_to_the_data_as_torchvision_resizes_its_own(
+    torch_home: Path, in_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    weights = torchvision.models.ViT_B_16_Weights.DEFAULT  # 224-pixel position embeddings: 197 tokens
+    path = torch_home / "hub" / "checkpoints" / Path(urlparse(weights.url).path).name
+    path.parent.mkdir(parents=True)
+    planted = torchvision.models.vit_b_16().state_dict()
+    torch.save(planted, path)
+    one_step = [*QUICK, "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1", "--trainer.max_steps=0"]
+    with caplog.at_level("INFO"):
+        cli = train([*one_step, "--model.backbone=vit_b_16", "--model.pretrained=true", "--data.crop_size=32",
+                     "--data.resize_size=32"])  # fmt: skip
+    from torchvision.models.vision_transformer import interpolate_embeddings
+
+    expected = interpolate_embeddings(32, 16, {"encoder.pos_embedding": planted["encoder.pos_embedding"]})
+    assert cli.model.net.encoder.pos_embedding.shape == (1, 5, 768)  # 2x2 patches and the class token
+    assert torch.equal(cli.model.net.encoder.pos_embedding.detach(), expected["encoder.pos_embedding"])
+    report = next(record.getMessage() for record in caplog.records if "loaded" in record.getMessage())
+    assert report.startswith("vit_b_16 IMAGENET1K_V1: loaded 150 of 152 tensors") and "pos_embedding" not in report

@@ -15,14 +15,14 @@ from imgcls.parallel.fsdp2 import recompute_blocks
 from imgcls.parallel.registry import register_strategies
 
 REPORT = "tests/scripts/train_and_report.py"
-# 20 optimizer steps (2 epochs of 10) of ConvNeXt-T without stochastic depth: LayerNorm instead of BatchNorm
+# 10 optimizer steps (2 epochs of 5) of ConvNeXt-T without stochastic depth: LayerNorm instead of BatchNorm
 # (whose batch statistics differ per process) and no randomness, so any number of processes computes the same.
 # Its smooth activations keep float rounding from growing (a ReLU net with Adam drifts by 1e-4 in 20 steps).
 PARITY = [
     "--model.backbone=convnext_tiny",
     "--model.backbone_kwargs={stochastic_depth_prob: 0.0}",
     "--trainer.max_epochs=2",
-    "--trainer.limit_train_batches=10",
+    "--trainer.limit_train_batches=5",
     "--trainer.limit_val_batches=1",
     "--trainer.limit_test_batches=1",
     "--trainer.log_every_n_steps=1",
@@ -53,7 +53,7 @@ def train(workdir: Path, *args: str, devices: int = 1) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The same 20 steps on one process, on two with DDP and on two with FSDP2."""
+    """The same 10 steps on one process, on two with DDP and on two with FSDP2."""
     root = tmp_path_factory.mktemp("parity")
     return {
         "single": train(root / "single"),
@@ -66,7 +66,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.mark.distributed
 def test_ddp_on_two_processes_matches_one_process_step_by_step(runs: dict[str, Path]) -> None:
     single, ddp = train_losses(runs["single"]), train_losses(runs["ddp"])
-    assert list(single) == list(ddp) == list(range(20))
+    assert list(single) == list(ddp) == list(range(10))
     assert max(abs(single[step] - ddp[step]) for step in single) < 1e-4
     assert report(runs["ddp"], 0)["weights"] == pytest.approx(report(runs["ddp"], 1)["weights"], abs=0)
 
@@ -75,7 +75,7 @@ def test_ddp_on_two_processes_matches_one_process_step_by_step(runs: dict[str, P
 @pytest.mark.distributed
 def test_fsdp2_matches_ddp_and_holds_about_half_the_model_state(runs: dict[str, Path]) -> None:
     ddp, fsdp2 = train_losses(runs["ddp"]), train_losses(runs["fsdp2"])
-    assert list(fsdp2) == list(range(20))
+    assert list(fsdp2) == list(range(10))
     assert max(abs(ddp[step] - fsdp2[step]) for step in ddp) < 1e-4
     for rank in (0, 1):
         full, shard = report(runs["ddp"], rank), report(runs["fsdp2"], rank)
@@ -94,7 +94,7 @@ def test_sharded_checkpoint_resumes_on_one_process_consolidates_and_predicts(run
 
     live = report(workdir, 0)["top1"]  # the 2-rank model in memory when training ended (= last.ckpt)
 
-    # Saved by 2 ranks, resumed by 1: one more epoch on top of the 20 restored steps.
+    # Saved by 2 ranks, resumed by 1: one more epoch on top of the 10 restored steps.
     resumed = run(
         REPORT,
         *PARITY,
@@ -107,7 +107,7 @@ def test_sharded_checkpoint_resumes_on_one_process_consolidates_and_predicts(run
         cwd=workdir,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert list(train_losses(workdir, version=1)) == list(range(20, 30))  # continues at step 20
+    assert list(train_losses(workdir, version=1)) == list(range(10, 15))  # continues at step 10
 
     consolidated = workdir / "full.ckpt"
     done = run("scripts/consolidate_checkpoint.py", str(shards), str(consolidated), cwd=workdir)

@@ -12,10 +12,11 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from imgcls import runtime
+from imgcls.backbones.input_size import settle_input_size
 from imgcls.backbones.weights import resolve_weights
 from imgcls.callbacks.crash_safe import CrashSafeCheckpoints
 from imgcls.callbacks.inspection import ParameterInspector
@@ -24,7 +25,7 @@ from imgcls.callbacks.preemption import EXIT_SIGTERM, Preemption
 from imgcls.callbacks.tensorboard import SaveConfigAndHparams
 from imgcls.checkpoints import BEST, LOGS
 from imgcls.compat.lightning import quiet_known_warnings
-from imgcls.data.datamodule import ImageFolderDataModule
+from imgcls.data.datamodule import DEFAULT_CROP_SIZE, ImageFolderDataModule
 from imgcls.errors import UserError, exit_with
 from imgcls.model import MONITOR, ImageClassifier
 from imgcls.parallel.collectives import DEFAULT_TIMEOUT_S, apply_timeout, close, describe_failure, is_collective_failure
@@ -48,6 +49,7 @@ def main(
         config: The defaults every other config file and flag applies over (train.py passes configs/default.yaml).
     """
     debug = "--debug" in (sys.argv[1:] if args is None else args)  # known before parsing, whose errors it shows
+    cli = None
     try:
         cli = build_cli(args, model_class, config)
         if cli.plan is not None and cli.trainer is None:  # --plan
@@ -67,7 +69,8 @@ def main(
     except RuntimeError as error:
         if not is_collective_failure(error):  # a bug: its traceback says where
             raise
-        exit_with(error, debug, describe_failure(error, cli.config.collective_timeout))  # another process died
+        timeout = cli.config.collective_timeout if cli is not None else None
+        exit_with(error, debug, describe_failure(error, timeout))  # another process died or hangs
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():  # a run that failed
             torch.distributed.destroy_process_group()
@@ -77,7 +80,7 @@ def main(
 def build_cli(args: list[str] | None, model_class: type[ImageClassifier], config: Path | None) -> "TrainCLI":
     """Parse and instantiate the model, the data and the Trainer; ``cli.plan`` holds the plan if one was asked for."""
     if config is not None and not config.is_file():
-        raise UserError(f"{config}: the default config is missing; restore it (git checkout {config.name})")
+        raise UserError(f"{config}: no such file; train.py reads its defaults from it (git checkout -- {config})")
     quiet_known_warnings()
     register_strategies()  # --trainer.strategy=fsdp / fsdp2 shard block by block
     return TrainCLI(
@@ -91,7 +94,7 @@ def build_cli(args: list[str] | None, model_class: type[ImageClassifier], config
         trainer_defaults={
             "callbacks": [CrashSafeCheckpoints(), Preemption()],  # atomic writes; SIGTERM
             "logger": {
-                "class_path": f"{TensorBoardLogger.__module__}.TensorBoardLogger",
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                 "init_args": {"save_dir": LOGS, "name": "", "default_hp_metric": False},  # hp_metric: at the end
             },
         },
@@ -174,12 +177,19 @@ class TrainCLI(LightningCLI):
             super().parse_arguments(parser, args)
 
     def before_instantiate_classes(self) -> None:
-        # Preprocessing the config leaves unset comes from the pretrained weights (torchvision's weights.transforms(),
-        # timm's pretrained config); written into the config, it is also what config.yaml records.
+        # Written into the config, these are also what config.yaml records, and the checkpoint's hyperparameters.
         model, data = self.config.model, self.config.data
-        for key, value in resolve_weights(model.backbone, model.pretrained).preprocess().items():
+        weights = resolve_weights(model.backbone, model.pretrained)
+        for key, value in weights.preprocess().items():  # what the config leaves unset comes from the weights
             if data[key] is None:
                 data[key] = value
+        crop = data.crop_size or DEFAULT_CROP_SIZE  # a network that fixes its input size is built for it, or not
+        size = settle_input_size(model.backbone, crop, weights, model.backbone_kwargs or {})
+        model.backbone_kwargs = {**(model.backbone_kwargs or {}), **size.arch_kwargs} or None
+        if size.crop_size != crop:
+            data.crop_size, data.resize_size = size.crop_size, round((data.resize_size or crop) * size.crop_size / crop)
+        if size.message:
+            rank_zero_info(size.message)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer | None:
         # The plan needs the model's and data's settings (linked at instantiation) but no Trainer, which would

@@ -3,8 +3,10 @@
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torchvision
 from torch import nn
+from torchvision.models.vision_transformer import VisionTransformer, interpolate_embeddings
 
 from imgcls.backbones.partial import load_partial, read_state_dict
 from imgcls.backbones.weights import TIMM, Weights, import_timm
@@ -44,14 +46,24 @@ def create_backbone(
         net = torchvision.models.get_model(name, num_classes=num_classes, **kwargs)
         if weights.torchvision is not None:
             # torchvision refuses weights with num_classes != 1000: load them into the net, the old head skipped
-            source = f"{name} {weights.torchvision.name}"
-            report(
-                str(load_partial(net, weights.torchvision_state_dict(), source, strict=strict, head=head_names(net)))
-            )
+            state_dict, source = fit_position_embeddings(net, weights.torchvision_state_dict()), weights.torchvision
+            report(str(load_partial(net, state_dict, f"{name} {source.name}", strict=strict, head=head_names(net))))
     if weights.file is not None:
-        state_dict = read_state_dict(weights.file)
+        state_dict = fit_position_embeddings(net, read_state_dict(weights.file))
         report(str(load_partial(net, state_dict, str(weights.file), prefix, strict, head=head_names(net))))
     return net
+
+
+def fit_position_embeddings(net: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A torchvision ViT's position embeddings resized to ``net``'s image size, as torchvision does for its SWAG
+    weights (``interpolate_embeddings``: bicubic, the class token kept); other tensors as they are."""
+    if not isinstance(net, VisionTransformer):
+        return state_dict
+    ours = net.encoder.pos_embedding.shape
+    for key in [key for key in state_dict if key.endswith("encoder.pos_embedding") and state_dict[key].shape != ours]:
+        resized = interpolate_embeddings(net.image_size, net.patch_size, {"encoder.pos_embedding": state_dict[key]})
+        state_dict = {**state_dict, key: resized["encoder.pos_embedding"]}
+    return state_dict
 
 
 def head_names(net: nn.Module) -> tuple[str, ...]:

@@ -11,9 +11,10 @@ from collections.abc import Callable
 
 from torch import nn
 
+from imgcls.backbones.meta import build_on_meta
 from imgcls.compat.torch import fake_tensor
 from imgcls.errors import UserError
-from imgcls.planner.step_memory import Job, StepMemory, StrategySpec, build_on_meta, step_memory
+from imgcls.planner.step_memory import Job, StepMemory, StrategySpec, step_memory
 
 PRECISIONS = ("32-true", "64-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
 NOT_TRACEABLE = (
