@@ -84,7 +84,7 @@ def test_sigterm_ends_a_run_stuck_in_a_collective_at_once(tmp_path: Path) -> Non
 
 
 def test_killing_one_rank_ends_every_process_and_last_resumes(tmp_path: Path) -> None:
-    args = [*TWO_CPU_PROCESSES, "--trainer.max_epochs=3", "--trainer.limit_train_batches=12",
+    args = [*TWO_CPU_PROCESSES, "--trainer.max_epochs=2", "--trainer.limit_train_batches=12",
             "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2"]  # fmt: skip
     process = start(script("train.py", *args), tmp_path)
     last = tmp_path / "logs" / "version_0" / "checkpoints" / "last.ckpt"

@@ -299,3 +299,25 @@ def test_killed_while_writing_shards_the_sharded_checkpoint_before_stays_whole(i
     final = every_checkpoint_loads(in_tmp / "logs" / "version_1")
     assert final[in_tmp / "logs" / "version_1" / "checkpoints" / "last.ckpt"]["global_step"] == 20
     assert not list((in_tmp / "logs" / "version_1").glob("**/.*.partial"))
+
+
+@pytest.mark.slow
+def test_last_ckpt_is_the_newest_epoch_when_validation_stops_improving(in_tmp: Path) -> None:
+    # lr 0: validation accuracy never improves on the first epoch's, so best.ckpt stays at epoch 0, and a last.ckpt
+    # that copied the best (Lightning's default) would send the killed run back to epoch 1.
+    frozen = [*LEAN, "--trainer.max_epochs=6", "--trainer.limit_val_batches=1", "--model.optimizer.lr=0"]
+    last = in_tmp / "logs" / "version_0" / "checkpoints" / "last.ckpt"
+
+    def epoch_of(path: Path) -> int:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"] if path.exists() else -1
+
+    process = start(script("train.py", *frozen), in_tmp, shell_env(OMP_NUM_THREADS="1"))
+    wait_for(process, lambda: epoch_of(last) >= 2)
+    stop(process)  # SIGKILL: no checkpoint of its own on the way out
+    killed_at = epoch_of(last)
+    assert killed_at >= 2 and epoch_of(last.with_name("best.ckpt")) == 0
+    resumed = run("train.py", *frozen, "--ckpt_path=last", cwd=in_tmp)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    epochs = [epoch for _, epoch in logged_scalars(str(in_tmp / "logs" / "version_1"))["epoch"]]
+    assert min(epochs) == killed_at + 1  # on from the epoch after the newest, not from the best
+    assert epoch_of(in_tmp / "logs" / "version_1" / "checkpoints" / "last.ckpt") == 5

@@ -10,7 +10,6 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
@@ -18,6 +17,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from imgcls import runtime
 from imgcls.backbones.input_size import settle_input_size
 from imgcls.backbones.weights import resolve_weights
+from imgcls.callbacks.checkpointing import BestAndLast
 from imgcls.callbacks.crash_safe import CrashSafeCheckpoints
 from imgcls.callbacks.inspection import ParameterInspector
 from imgcls.callbacks.nonfinite import NonFiniteLoss
@@ -160,7 +160,7 @@ class TrainCLI(LightningCLI):
         )
         for key in ("num_classes", "class_names", "preprocess"):
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(BestAndLast, "checkpoint")  # --checkpoint.*: best.ckpt and last.ckpt
         parser.set_defaults({"checkpoint.monitor": MONITOR, "checkpoint.mode": "max"})
         parser.set_defaults({"checkpoint.filename": BEST, "checkpoint.save_last": True})
         parser.add_lightning_class_args(ParameterInspector, "inspection")  # --inspection.histograms=true etc.
