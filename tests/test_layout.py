@@ -11,12 +11,13 @@ from helpers import QUICK, REPO, python, shell_env
 
 PACKAGE = REPO / "src" / "imgcls"
 # What each part may import of the others. The core (cli, model, resume, runtime) sits on top of the parts; below
-# them all are checkpoints, errors and compat, which import nothing else of the project.
-BASE = {"errors", "compat", "checkpoints"}
+# them all are checkpoints (and shards), errors and compat, which import nothing else of the project.
+BASE = {"errors", "compat", "checkpoints", "shards"}
 MAY_IMPORT = {
     "errors": set(),
     "compat": set(),
-    "checkpoints": {"errors", "compat"},
+    "shards": {"errors", "compat"},
+    "checkpoints": {"errors", "compat", "shards"},
     "data": BASE,
     "backbones": BASE,
     "parallel": BASE,

@@ -5,12 +5,14 @@ import pickle
 import signal
 import subprocess
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import QUICK, finish, run, script, shell_env, start, train
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from imgcls.checkpoints import load_checkpoint
@@ -321,3 +323,63 @@ def test_last_ckpt_is_the_newest_epoch_when_validation_stops_improving(in_tmp: P
     epochs = [epoch for _, epoch in logged_scalars(str(in_tmp / "logs" / "version_1"))["epoch"]]
     assert min(epochs) == killed_at + 1  # on from the epoch after the newest, not from the best
     assert epoch_of(in_tmp / "logs" / "version_1" / "checkpoints" / "last.ckpt") == 5
+
+
+class Touch:
+    """A pickled object that runs a command when unpickled: the classic payload."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def sharded_folder(path: Path, entries: dict) -> Path:
+    """A sharded checkpoint folder as DCP writes one (in this process), with Lightning's meta.pt beside it."""
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP: no process group, saving in one process on purpose
+        dcp.save(entries, checkpoint_id=str(path))
+    module = ImageClassifier("resnet18", num_classes=10, class_names=DIGITS, preprocess={})
+    torch.save({"hyper_parameters": dict(module.hparams), "epoch": 0, "global_step": 1}, path / "meta.pt")
+    return path
+
+
+@pytest.mark.slow
+def test_sharded_folders_that_would_run_code_are_refused(in_tmp: Path) -> None:
+    marker = in_tmp / "pwned"
+    weights = {"net.fc.weight": torch.zeros(10, 512), "net.fc.bias": torch.zeros(10)}
+    in_weights = sharded_folder(in_tmp / "in_weights", {"state_dict": {**weights, "net.extra": Touch(marker)}})
+    in_optimizer = sharded_folder(
+        in_tmp / "in_optimizer", {"state_dict": weights, "optimizer_0": {"param_groups": [{"lr": Touch(marker)}]}}
+    )
+    refused = "only tensors and plain data load from checkpoints"
+    Image.new("RGB", (8, 8)).save(in_tmp / "img.png")
+    for command, folder, entry in [
+        (["predict.py", "img.png", "--checkpoint", "in_weights"], in_weights, "state_dict.net.extra"),
+        (["scripts/consolidate_checkpoint.py", "in_weights", "out.ckpt"], in_weights, "state_dict.net.extra"),
+        (["train.py", *LEAN, "--model.pretrained=in_weights"], in_weights, "state_dict.net.extra"),
+        (["train.py", *LEAN, "--trainer.strategy=fsdp2", "--ckpt_path=in_optimizer"], in_optimizer,
+         "optimizer_0.param_groups.0.lr"),
+    ]:  # fmt: skip
+        result = run(*command, cwd=in_tmp)
+        line = result.stderr.strip().splitlines()[-1]
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert f"{folder.name}: refused the entry {entry}, it asks to import posix.system" in line and refused in line
+    assert not marker.exists() and not (in_tmp / "out.ckpt").exists()
+
+
+def test_sharded_metadata_is_refused_before_anything_is_imported(in_tmp: Path) -> None:
+    folder = sharded_folder(in_tmp / "shards", {"state_dict": {"net.fc.bias": torch.zeros(10)}})
+    Image.new("RGB", (8, 8)).save(in_tmp / "img.png")
+    for module, name in [("this", "s"), ("torch.distributed", "TCPStore")]:  # prints the Zen of Python; connects
+        (folder / ".metadata").write_bytes(f"c{module}\n{name}\n.".encode())  # pickle protocol 0: GLOBAL, STOP
+        result = run("predict.py", "img.png", "--checkpoint", str(folder), cwd=in_tmp)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert f".metadata: refused, it asks to import {module}.{name}" in result.stderr
+        assert "Beautiful is better than ugly" not in result.stdout + result.stderr
+    (folder / ".metadata").write_bytes(b"\x80\x04\x95")  # cut off
+    result = run("predict.py", "img.png", "--checkpoint", str(folder), cwd=in_tmp)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and ".metadata: not readable" in result.stderr

@@ -6,7 +6,6 @@ with ``state_dict_type: sharded``): ``.metadata``, one ``__<rank>_0.distcp`` per
 
 import pickle
 import re
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,14 +70,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """A checkpoint's hyperparameters, epoch, step and the like, checked as ``load_checkpoint`` does, tensors unread.
 
-    A file is memory-mapped, so its tensors cost nothing; a sharded directory gives its ``meta.pt``, once its
-    ``.metadata`` has passed the safe unpickler (DCP itself would unpickle it with plain ``pickle``).
+    A file is memory-mapped, so its tensors cost nothing. A sharded directory gives its ``meta.pt``, once its
+    ``.metadata`` and every non-tensor entry of its shards have been checked (``imgcls.shards.check_folder``): after
+    that it is safe to hand to Lightning, whose loader would unpickle them with plain ``pickle``.
     """
     path = Path(path).expanduser()
     if path.is_dir():
-        if not (path / ".metadata").is_file():
-            raise UserError(f"{path}: a folder without .metadata, so not a sharded checkpoint (or one half written)")
-        _read_dcp_metadata(path)
+        from imgcls.shards import check_folder  # DCP's modules, imported only for folders
+
+        check_folder(path)
         return _torch_load(path / "meta.pt") if (path / "meta.pt").is_file() else {}
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint file")
@@ -91,7 +91,9 @@ def _torch_load(path: Path, mmap: bool = False) -> Any:
     except pickle.UnpicklingError as error:
         found = re.search(r"GLOBAL (\S+)", str(error))
         if found:  # the pickle asks for a callable: the classic code-execution payload, or a foreign class
-            raise _refusal(path, found[1]) from error
+            raise UserError(
+                f"{path}: refused, it asks to import {found[1]}; only tensors and plain data load from checkpoints"
+            ) from error
         raise UserError(f"{path}: not a readable PyTorch checkpoint") from error
     except Exception as error:  # torch.load fails on corrupt files with many exception types
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from error
@@ -116,58 +118,10 @@ def consolidate(shards: str | Path, output: str | Path) -> Path:
 
 
 def _load_sharded(path: Path) -> dict[str, Any]:
-    from torch.distributed.checkpoint import FileSystemReader
-
-    from imgcls.compat.torch import _load_state_dict_from_keys
-
-    if not (path / ".metadata").is_file():
-        raise UserError(f"{path}: a folder without .metadata, so not a sharded checkpoint; pass a .ckpt file or shards")
-
-    class SafeReader(FileSystemReader):
-        """DCP reads ``.metadata`` with plain ``pickle``, which runs any code it names; this reader does not."""
-
-        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-            return _read_dcp_metadata(path)
+    from imgcls.shards import load_entries  # DCP's modules, imported only for folders
 
     meta = _torch_load(path / "meta.pt") if (path / "meta.pt").is_file() else {}
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "torch.distributed is unavailable")  # one process, on purpose
-            tensors = _load_state_dict_from_keys({"state_dict"}, storage_reader=SafeReader(path))
-    except UserError:
-        raise
-    except Exception as error:  # a missing or truncated shard file, most often
-        problem = f"{type(error).__name__}: {error}"
-        raise UserError(f"{path}: incomplete or corrupt sharded checkpoint ({problem})") from error
-    return {**meta, **tensors}
-
-
-def _read_dcp_metadata(path: Path) -> Any:
-    with open(path / ".metadata", "rb") as file:
-        return _MetadataUnpickler(file, path).load()
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Allows only what DCP metadata holds: its own dataclasses, torch sizes and dtypes, and paths."""
-
-    def __init__(self, file: Any, path: Path) -> None:
-        super().__init__(file)
-        self.path = path
-
-    def find_class(self, module: str, name: str) -> Any:
-        if "." not in name:
-            found = super().find_class(module, name)
-            if module.startswith("torch.distributed.checkpoint.") and isinstance(found, type):
-                return found
-            if (module, name) in {("torch", "Size"), ("torch.serialization", "_get_layout")}:
-                return found
-            if module == "torch" and isinstance(found, torch.dtype) or module == "pathlib" and name.endswith("Path"):
-                return found
-        raise _refusal(self.path / ".metadata", f"{module}.{name}")
-
-
-def _refusal(path: Path, name: str) -> UserError:
-    return UserError(f"{path}: refused, it asks to import {name}; only tensors and plain data load from checkpoints")
+    return {**meta, **load_entries(path, {"state_dict"})}
 
 
 def latest_checkpoint(logs: str | Path = LOGS, name: str = f"{BEST}.ckpt") -> Path:
