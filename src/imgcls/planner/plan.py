@@ -160,7 +160,12 @@ def largest_batch(job: Job, start: Estimate, budget: int, rounds: int = 8) -> in
         if slope <= 0:  # nothing grows with the batch
             break
         size = max(low + 1, min(int(a + (budget - known[a]) / slope), high - 1 if high else 2**40))
-        step = step_memory(dataclasses.replace(job, batch_size=size), key, size)
+        try:
+            step = step_memory(dataclasses.replace(job, batch_size=size), key, size)
+        except ValueError:  # batch norm cannot train on one value per channel: batch 1 is no answer, nor less
+            if size > 1:
+                raise
+            break
         known[size] = step.resident_forward_backward if start.strategy.offload else step.forward_backward
     return max((n for n, peak in known.items() if peak <= budget), default=0)
 
