@@ -36,11 +36,11 @@ CONFIGS = [
     ("resnet18", 224, 64, "32-true", "auto"),
     ("resnet50", 224, 64, "32-true", "auto"),
     ("resnet50", 224, 128, "bf16-mixed", "auto"),
-    ("resnet50", 224, 128, "bf16-mixed", "fsdp2_checkpointing"),
+    ("resnet50", 224, 128, "bf16-mixed", "fsdp_checkpointing"),
     ("vit_b_16", 224, 32, "32-true", "auto"),
     ("vit_b_16", 224, 64, "bf16-mixed", "auto"),
     ("vit_l_16", 224, 32, "bf16-mixed", "auto"),
-    ("vit_l_16", 224, 32, "bf16-mixed", "fsdp2_checkpointing"),
+    ("vit_l_16", 224, 32, "bf16-mixed", "fsdp_checkpointing"),
     ("vit_h_14", 224, 8, "bf16-true", "auto"),
 ]
 

@@ -1,4 +1,4 @@
-"""Turn a sharded checkpoint directory (fsdp2, or fsdp with state_dict_type=sharded) into one .ckpt file.
+"""Turn a sharded checkpoint directory (written by --trainer.strategy=fsdp) into one .ckpt file.
 
     python scripts/consolidate_checkpoint.py logs/version_0/checkpoints/best.ckpt best-full.ckpt
 

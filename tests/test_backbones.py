@@ -155,8 +155,23 @@ def test_every_family_trains_a_step_on_the_default_data_and_plans(
 
 
 def test_a_size_no_network_can_take_is_a_one_line_error(in_tmp: Path) -> None:
+    fixed = ["--model.backbone=vit_b_16", "--model.backbone_kwargs={image_size: 32}", "--data.crop_size=48"]
     with pytest.raises(SystemExit) as stopped:
-        train([*QUICK, "--model.backbone=vit_b_16", "--model.backbone_kwargs={image_size: 30}"])
+        train([*QUICK, *fixed, "--data.resize_size=48"])
     message = str(stopped.value.code)
-    assert message.startswith("error: --model.backbone vit_b_16 runs neither on --data.crop_size 32 nor on its own")
+    assert message.startswith("error: --model.backbone vit_b_16 runs neither on --data.crop_size 48 nor on its own")
     assert "\n" not in message and "--data.crop_size" in message
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "reason"),
+    [("{depth: 2}", "unexpected keyword argument 'depth'"), ("{image_size: 30}", "indivisible by patch size")],
+)
+def test_builder_arguments_the_backbone_does_not_take_are_a_one_line_error(
+    in_tmp: Path, kwargs: str, reason: str
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        train([*QUICK, "--model.backbone=vit_b_16", f"--model.backbone_kwargs={kwargs}"])
+    message = str(stopped.value.code)
+    assert message.startswith("error: --model.backbone_kwargs {") and "vit_b_16 does not build with them" in message
+    assert reason in message and "\n" not in message

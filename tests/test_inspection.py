@@ -64,7 +64,7 @@ def test_vanishing_and_exploding_gradients_warn(tmp_path: Path, loss_scale: floa
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_log_the_norms_and_histograms_of_one(tmp_path: Path, strategy: str) -> None:
     """DDP replicates each tensor and FSDP2 shards it unevenly (15 rows over 2); both must count every value once."""
     fit(tmp_path / "one")

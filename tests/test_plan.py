@@ -21,7 +21,7 @@ from imgcls.planner.plan import estimate, largest_batch, parameter_count
 from imgcls.planner.step_memory import Job, StrategySpec, step_memory
 
 SINGLE = StrategySpec("auto", "single device")
-FSDP2 = StrategySpec("fsdp2", "fsdp", shard=True)
+FSDP2 = StrategySpec("fsdp", "fsdp", shard=True)
 
 
 def classifier(backbone: str, **backbone_kwargs: object) -> ImageClassifier:
@@ -91,7 +91,7 @@ def test_largest_batch_fits_and_one_more_does_not() -> None:
     """Far from the planned batch the peak bends upwards (another moment of the step takes over); the search finds
     the exact largest batch anyway. Checkpointed blocks bend the most."""
     job = Job(lambda: classifier("resnet18"), torch.optim.AdamW, batch_size=4, image_size=64)
-    strategy = StrategySpec("fsdp2_checkpointing", "fsdp + activation checkpointing", shard=True, checkpoint=True)
+    strategy = StrategySpec("fsdp_checkpointing", "fsdp + activation checkpointing", shard=True, checkpoint=True)
     start, budget = estimate(job, strategy), 2**30
     largest = largest_batch(job, start, budget)
     assert start.peak_at(largest + 1) < budget  # a straight line from the planned batch would overshoot
@@ -126,15 +126,16 @@ def test_a_network_that_does_not_trace_is_measured_with_real_batches_and_extrapo
     [
         ("auto", SINGLE.memory),
         ("ddp_find_unused_parameters_true", StrategySpec("", "", buckets=True).memory),
-        ("fsdp2_cpu_offload", StrategySpec("", "", shard=True, offload=True).memory),
+        ("fsdp_cpu_offload", StrategySpec("", "", shard=True, offload=True).memory),
         (
             Namespace(class_path="imgcls.parallel.fsdp2.FSDP2Strategy", init_args=Namespace(checkpoint_blocks=True)),
             StrategySpec("", "", shard=True, checkpoint=True).memory,
         ),
-        (  # configs/fsdp.yaml with configs/fsdp_hybrid.yaml: FSDP1, estimated as FSDP2
-            {"class_path": "imgcls.parallel.fsdp1.FSDP1Strategy", "init_args": {"sharding_strategy": "HYBRID_SHARD"}},
+        (  # configs/fsdp.yaml with configs/fsdp_hybrid.yaml
+            {"class_path": "imgcls.parallel.fsdp2.FSDP2Strategy", "init_args": {"shard_group_size": "node"}},
             StrategySpec("", "", shard=True, hybrid=True).memory,
         ),
+        ("fsdp_hybrid", StrategySpec("", "", shard=True, hybrid=True).memory),
         ("deepspeed_stage_3", None),
     ],
 )
@@ -179,12 +180,12 @@ def test_plan_prints_each_strategy_and_the_recommendation_without_allocating(
     assert peak_bytes(profiler) < (held.params + held.activations) / 4  # neither the network nor a batch is real
 
     rows = table(out)
-    assert list(rows) == ["ddp", "fsdp2", "fsdp2_checkpointing", "fsdp2_cpu_offload", "fsdp2_cpu_offload_checkpointing"]
+    assert list(rows) == ["ddp", "fsdp", "fsdp_checkpointing", "fsdp_cpu_offload", "fsdp_cpu_offload_checkpointing"]
     assert rows["ddp"]["*"] and not any(row["*"] for row in list(rows.values())[1:])  # auto on 4 devices: ddp
     peak = {flag: row["peak"] for flag, row in rows.items()}
-    assert peak["fsdp2_checkpointing"] < peak["fsdp2"] < peak["ddp"]
-    assert peak["fsdp2_cpu_offload"] < peak["fsdp2"] and rows["fsdp2_cpu_offload"]["optim"] == 0
-    assert rows["fsdp2"]["params"] == pytest.approx(rows["ddp"]["params"] / 4, abs=0.01)
+    assert peak["fsdp_checkpointing"] < peak["fsdp"] < peak["ddp"]
+    assert peak["fsdp_cpu_offload"] < peak["fsdp"] and rows["fsdp_cpu_offload"]["optim"] == 0
+    assert rows["fsdp"]["params"] == pytest.approx(rows["ddp"]["params"] / 4, abs=0.01)
     best = plan.recommended
     assert best is not None and not any(plan.fits(e) for e in plan.estimates[: plan.estimates.index(best)])
     assert f"recommended: --trainer.strategy={best.strategy.flag}," in out
@@ -217,9 +218,9 @@ def test_auto_fit_applies_the_cheapest_strategy_that_fits(in_tmp: Path, capsys: 
     strategy = cli.trainer.strategy
     assert isinstance(strategy, FSDP2Strategy) and strategy.checkpoint_blocks and not strategy.cpu_offload
     assert "test/acc" in cli.trainer.callback_metrics
-    assert "auto_fit: --trainer.strategy=fsdp2_checkpointing" in capsys.readouterr().out
+    assert "auto_fit: --trainer.strategy=fsdp_checkpointing" in capsys.readouterr().out
     config = yaml.safe_load((Path(cli.trainer.log_dir) / "config.yaml").read_text())
-    assert config["trainer"]["strategy"] == "fsdp2_checkpointing"
+    assert config["trainer"]["strategy"] == "fsdp_checkpointing"
 
 
 @pytest.mark.slow

@@ -70,8 +70,8 @@ def test_planned_peak_of_a_training_step_is_within_10_percent_of_a_real_one(
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_fsdp2_estimate_per_rank_matches_two_cpu_processes(tmp_path: Path) -> None:
-    expected = planned("resnet18", 4, StrategySpec("fsdp2", "fsdp", shard=True), world_size=2)
-    args = ["--model.backbone=resnet18", "--data.batch_size=4", "--trainer.strategy=fsdp2", "--trainer.devices=2"]
+    expected = planned("resnet18", 4, StrategySpec("fsdp", "fsdp", shard=True), world_size=2)
+    args = ["--model.backbone=resnet18", "--data.batch_size=4", "--trainer.strategy=fsdp", "--trainer.devices=2"]
     result = run("tests/scripts/train_and_report.py", *STEPS, *args, MEASURE, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in (0, 1):  # what each process holds between steps: its shards (rank 1's are a few rows shorter)

@@ -283,7 +283,7 @@ def files_of(folder: Path) -> dict[str, tuple[int, int, int]]:
 def test_killed_while_writing_shards_the_sharded_checkpoint_before_stays_whole(in_tmp: Path) -> None:
     # Two processes sharding with fsdp2 write last.ckpt as a folder of shards every 2 steps. The job dies while
     # the next one is being written: the folder from before is untouched, and resuming from it finishes the run.
-    fsdp2 = ["--trainer.strategy=fsdp2", "--trainer.devices=2", "--trainer.accelerator=cpu"]
+    fsdp2 = ["--trainer.strategy=fsdp", "--trainer.devices=2", "--trainer.accelerator=cpu"]
     folder = in_tmp / "logs" / "version_0" / "checkpoints"
     last, partial = folder / "last.ckpt", folder / ".last.ckpt.partial"
     process = start_killed(in_tmp, *fsdp2)
@@ -361,7 +361,7 @@ def test_sharded_folders_that_would_run_code_are_refused(in_tmp: Path) -> None:
         (["predict.py", "img.png", "--checkpoint", "in_weights"], in_weights, "state_dict.net.extra"),
         (["scripts/consolidate_checkpoint.py", "in_weights", "out.ckpt"], in_weights, "state_dict.net.extra"),
         (["train.py", *LEAN, "--model.pretrained=in_weights"], in_weights, "state_dict.net.extra"),
-        (["train.py", *LEAN, "--trainer.strategy=fsdp2", "--ckpt_path=in_optimizer"], in_optimizer,
+        (["train.py", *LEAN, "--trainer.strategy=fsdp", "--ckpt_path=in_optimizer"], in_optimizer,
          "optimizer_0.param_groups.0.lr"),
     ]:  # fmt: skip
         result = run(*command, cwd=in_tmp)

@@ -58,7 +58,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {
         "single": train(root / "single"),
         "ddp": train(root / "ddp", "--trainer.strategy=ddp", devices=2),
-        "fsdp2": train(root / "fsdp2", "--trainer.strategy=fsdp2", devices=2),
+        "fsdp": train(root / "fsdp", "--trainer.strategy=fsdp", devices=2),
     }
 
 
@@ -74,21 +74,21 @@ def test_ddp_on_two_processes_matches_one_process_step_by_step(runs: dict[str, P
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_fsdp2_matches_ddp_and_holds_about_half_the_model_state(runs: dict[str, Path]) -> None:
-    ddp, fsdp2 = train_losses(runs["ddp"]), train_losses(runs["fsdp2"])
+    ddp, fsdp2 = train_losses(runs["ddp"]), train_losses(runs["fsdp"])
     assert list(fsdp2) == list(range(10))
     assert max(abs(ddp[step] - fsdp2[step]) for step in ddp) < 1e-4
     for rank in (0, 1):
-        full, shard = report(runs["ddp"], rank), report(runs["fsdp2"], rank)
+        full, shard = report(runs["ddp"], rank), report(runs["fsdp"], rank)
         assert min(full["params"], full["grads"], full["optimizer"], shard["grads"]) > 0
-        total = {name: r["params"] + r["grads"] + r["optimizer"] for name, r in (("ddp", full), ("fsdp2", shard))}
-        assert total["fsdp2"] <= 0.55 * total["ddp"], total
-    assert report(runs["fsdp2"], 0)["weights"] == pytest.approx(report(runs["ddp"], 0)["weights"], rel=1e-4, abs=1e-5)
+        total = {name: r["params"] + r["grads"] + r["optimizer"] for name, r in (("ddp", full), ("fsdp", shard))}
+        assert total["fsdp"] <= 0.55 * total["ddp"], total
+    assert report(runs["fsdp"], 0)["weights"] == pytest.approx(report(runs["ddp"], 0)["weights"], rel=1e-4, abs=1e-5)
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_sharded_checkpoint_resumes_on_one_process_consolidates_and_predicts(runs: dict[str, Path]) -> None:
-    workdir = runs["fsdp2"]
+    workdir = runs["fsdp"]
     shards = workdir / "logs" / "version_0" / "checkpoints" / "last.ckpt"
     assert shards.is_dir() and (shards / "__1_0.distcp").is_file()  # one shard per rank
 
@@ -98,7 +98,7 @@ def test_sharded_checkpoint_resumes_on_one_process_consolidates_and_predicts(run
     resumed = run(
         REPORT,
         *PARITY,
-        "--trainer.strategy=fsdp2",
+        "--trainer.strategy=fsdp",
         "--trainer.devices=1",
         "--trainer.max_epochs=3",
         "--data.batch_size=64",
@@ -149,36 +149,26 @@ def test_activation_checkpointing_keeps_the_loss_and_lowers_activation_memory() 
         torch.testing.assert_close(a.grad, b.grad)
 
 
-@pytest.mark.parametrize(("precision", "units"), [("32-true", 9), ("16-mixed", 29)])
-def test_bare_fsdp_flag_wraps_each_block(precision: str, units: int) -> None:
-    """``--trainer.strategy=fsdp`` resolves to one FSDP unit per ResNet block (checked with FSDP1 on the CPU)."""
+def test_fsdp_names_are_fsdp2_with_one_unit_per_block() -> None:
+    """``--trainer.strategy=fsdp`` and its variants resolve to FSDP2, which makes each ResNet block a unit."""
     import torch.distributed as dist
-    from lightning.pytorch.plugins.precision import FSDPPrecision
     from lightning.pytorch.strategies import StrategyRegistry
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule
 
-    from imgcls.parallel.fsdp1 import FSDP1Strategy
+    from imgcls.parallel.fsdp2 import FSDP2Strategy, shard_blocks
+    from imgcls.parallel.registry import VARIANTS
 
     register_strategies()
-    strategy = StrategyRegistry.get("fsdp")
-    assert isinstance(strategy, FSDP1Strategy)
-    strategy.precision_plugin = FSDPPrecision(precision)
-    net = torchvision.models.resnet18(num_classes=10)
-    strategy.wrap_blocks_of(net)
-    assert strategy.mixed_precision_config.reduce_dtype == torch.float32  # gradients are summed in fp32
+    assert all(isinstance(StrategyRegistry.get(name), FSDP2Strategy) for name in VARIANTS)
+    assert StrategyRegistry.get("fsdp_hybrid").shard_group_size == "node"
+    holder = torch.nn.Module()
+    holder.net = torchvision.models.resnet18(num_classes=10)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        wrapped = FSDP(
-            net, device_id=torch.device("cpu"), mixed_precision=strategy.mixed_precision_config, **strategy.kwargs
-        )
+        shard_blocks(holder, init_device_mesh("cpu", (1,)), gather_dtype=torch.bfloat16)
     finally:
         dist.destroy_process_group()
-    names = [type(m.module).__name__ for m in wrapped.modules() if isinstance(m, FSDP)]
-    # The root and 8 BasicBlocks; in 16-bit precisions FSDP keeps each of the 20 BatchNorms in fp32 on its own.
-    assert names.count("BasicBlock") == 8 and names[0] == "ResNet" and len(names) == units
-
-
-def test_fsdp_on_a_cpu_is_a_one_line_error(tmp_path: Path) -> None:
-    result = run("train.py", "--trainer.strategy=fsdp", "--trainer.accelerator=cpu", cwd=tmp_path)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "error: --trainer: The strategy `fsdp` requires a GPU accelerator" in result.stderr
+    units = [m for m in holder.modules() if isinstance(m, FSDPModule)]
+    blocks = [m for m in units if isinstance(m, torchvision.models.resnet.BasicBlock)]
+    assert len(blocks) == 8 and units[0] is holder.net and len(units) == 9  # BatchNorm stays in its block

@@ -68,7 +68,7 @@ def fit(log_dir: Path, strategy: str = "single", **model_args: float | bool) -> 
         strategy={
             "single": "auto",
             "ddp": "ddp",
-            "fsdp2": ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+            "fsdp": ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
         }[strategy],
         max_steps=2,
         logger=TensorBoardLogger(log_dir, name="", version=""),

@@ -1,11 +1,12 @@
 """Reading checkpoints safely: any device's checkpoint onto the CPU, tensors and plain data only.
 
-A checkpoint is a ``.ckpt`` file, or a directory of shards written by a sharded strategy (``fsdp2``, or ``fsdp``
+A checkpoint is a ``.ckpt`` file, or a directory of shards written by a sharded strategy (``fsdp``, or ``fsdp``
 with ``state_dict_type: sharded``): ``.metadata``, one ``__<rank>_0.distcp`` per rank and Lightning's ``meta.pt``.
 """
 
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,18 +54,19 @@ class ModelSpec:
         return f"{len(self.class_names)} classes ({', '.join(self.class_names)})"
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     """Load a checkpoint file or sharded directory onto the CPU, safely; user mistakes raise ``UserError``.
 
     A sharded directory yields Lightning's metadata and the full ``state_dict`` (not the optimizer states),
-    gathered in this one process with no process group.
+    gathered in this one process with no process group. ``mmap``: a file's tensors are read from disk only where
+    they are used (a process that needs its shards reads those alone).
     """
     path = Path(path).expanduser()
     if path.is_dir():
         return _load_sharded(path)
     if not path.is_file():
         raise UserError(f"{path}: no such checkpoint file")
-    return _torch_load(path)
+    return _torch_load(path, mmap=mmap)
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -86,8 +88,8 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def _torch_load(path: Path, mmap: bool = False) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    try:  # only the zip format (torch.save's since 1.6) can be memory-mapped
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as error:
         found = re.search(r"GLOBAL (\S+)", str(error))
         if found:  # the pickle asks for a callable: the classic code-execution payload, or a foreign class

@@ -82,7 +82,7 @@ def build_cli(args: list[str] | None, model_class: type[ImageClassifier], config
     if config is not None and not config.is_file():
         raise UserError(f"{config}: no such file; train.py reads its defaults from it (git checkout -- {config})")
     quiet_known_warnings()
-    register_strategies()  # --trainer.strategy=fsdp / fsdp2 shard block by block
+    register_strategies()  # --trainer.strategy=fsdp and its variants: FSDP2, block by block
     return TrainCLI(
         model_class,
         ImageFolderDataModule,

@@ -1,5 +1,6 @@
 """The model: a backbone with a classification head, its loss, metrics and optimizer, as a LightningModule."""
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,8 @@ from imgcls.backbones import finetuning
 from imgcls.backbones.factory import create_backbone
 from imgcls.backbones.weights import Pretrained, resolve_weights
 from imgcls.data.datamodule import IGNORE_INDEX
+from imgcls.parallel.deferred_init import build_deferred
+from imgcls.parallel.fsdp2 import FSDP2Strategy
 from imgcls.parallel.reduced import log_reduced
 
 MONITOR = "val/acc"  # the metric that picks the best checkpoint
@@ -101,10 +104,13 @@ class ImageClassifier(L.LightningModule):
     def configure_model(self) -> None:
         if self.net is None:
             hp = self.hparams
-            self.net = create_backbone(
-                hp.backbone, hp.num_classes, self.weights, prefix=hp.pretrained_prefix, strict=hp.pretrained_strict,
-                report=rank_zero_info, **self.backbone_kwargs,
+            build = functools.partial(
+                create_backbone, hp.backbone, hp.num_classes, self.weights, prefix=hp.pretrained_prefix,
+                strict=hp.pretrained_strict, report=rank_zero_info, **self.backbone_kwargs,
             )  # fmt: skip
+            # Sharded: built on the meta device, then each process makes only its own shards (FSDP2Strategy.setup)
+            sharded = self._trainer is not None and isinstance(self._trainer.strategy, FSDP2Strategy)
+            self.net = build_deferred(build) if sharded else build()
             if hp.freeze_backbone:
                 finetuning.freeze_backbone(self.net)
             if self.channels_last:

@@ -1,22 +1,43 @@
 """train.py plus a per-rank report, for the multi-process tests: run it exactly like train.py.
 
 At the end of training each rank writes ``report_rank<R>.json`` in the working directory: the bytes of
-parameters, gradients and optimizer states it holds (local shards only), the sums of the full weights, and
-the live model's top-1 class for every 27th test image.
+parameters, gradients and optimizer states it holds (local shards only), the sums of the full weights, the
+live model's top-1 class for every 27th test image, and the count of FSDP's all-gathers and reduce-scatters by
+the dtype they carried (the real collectives run; they are only counted on the way).
 """
 
+import collections
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from imgcls.cli import main
 from imgcls.data.transforms import normalize_batch
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"  # as train.py passes it
+
+
+COLLECTIVES: collections.Counter[str] = collections.Counter()
+
+
+def _counted(name: str, collective: Callable) -> Callable:
+    def call(*args: object, **kwargs: object) -> object:
+        tensor = kwargs.get("input", kwargs.get("input_tensor", args[1] if len(args) > 1 else None))
+        COLLECTIVES[f"{name} {str(getattr(tensor, 'dtype', '?')).removeprefix('torch.')}"] += 1
+        return collective(*args, **kwargs)
+
+    return call
+
+
+# FSDP2's default communication calls these two (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py)
+for _name in ("all_gather_single", "reduce_scatter_single"):
+    setattr(dist, _name, _counted(_name, getattr(dist, _name)))
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -52,6 +73,7 @@ class Report(L.Callback):
             "grads": self.grads,
             "optimizer": _nbytes(states),
             "weights": [t.detach().double().sum().item() for t in full],
+            "collectives": dict(COLLECTIVES),
         }
         with open(f"report_rank{trainer.global_rank}.json", "w") as file:
             json.dump(report, file)

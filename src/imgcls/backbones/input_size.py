@@ -38,7 +38,14 @@ class InputSize:
 def settle_input_size(backbone: str, crop_size: int, weights: Weights, backbone_kwargs: dict[str, Any]) -> InputSize:
     """The builder arguments and crop size that let ``backbone`` run on the data; ``UserError`` if none do."""
     given = {**weights.arch_kwargs(), **backbone_kwargs}
-    argument = size_argument(backbone, given)
+    try:
+        argument = size_argument(_probe(backbone, given))
+    except UserError:
+        raise
+    except Exception as error:  # whatever the builder raises for arguments it does not take
+        reason = next(iter(str(error).strip().splitlines()), type(error).__name__)
+        message = f"--model.backbone_kwargs {backbone_kwargs}: {backbone} does not build with them ({reason})"
+        raise UserError(message) from error
     if argument is not None and argument not in backbone_kwargs:
         sized = {argument: [crop_size, crop_size] if argument == "input_size" else crop_size}
         if runs_at(backbone, crop_size, {**given, **sized}):
@@ -58,14 +65,8 @@ def settle_input_size(backbone: str, crop_size: int, weights: Weights, backbone_
     )
 
 
-def size_argument(backbone: str, kwargs: dict[str, Any]) -> str | None:
-    """The argument of ``backbone``'s class that fixes its input size, if it has one."""
-    try:
-        net = _probe(backbone, kwargs)
-    except UserError:
-        raise
-    except Exception:  # the arguments do not build it: runs_at says so
-        return None
+def size_argument(net: nn.Module) -> str | None:
+    """The argument of ``net``'s class that fixes its input size, if it has one."""
     parameters = inspect.signature(type(net)).parameters
     return next((name for name in SIZE_ARGUMENTS if name in parameters), None)
 

@@ -54,7 +54,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(path, device="cpu")
         except (SafetensorError, OSError) as error:
             raise UserError(f"{path}: not a readable safetensors file ({error})") from error
-    content = load_checkpoint(path)  # weights_only=True: a file that tries to run code is refused
+    content = load_checkpoint(path, mmap=True)  # weights_only=True: a file that tries to run code is refused
     for key in STATE_DICT_KEYS:
         if isinstance(content.get(key), dict):
             content = content[key]

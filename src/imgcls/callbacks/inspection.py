@@ -8,7 +8,6 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.distributed.tensor import DTensor
@@ -48,7 +47,7 @@ class ParameterInspector(Callback):
 
     A layer group is the first ``group_depth`` module names of a parameter's name (``net.layer1`` for
     ``net.layer1.0.conv1.weight``). Norms and histograms cover the full tensors on every strategy. DDP: every process
-    holds the same averaged gradients. FSDP/FSDP2 (sharded parameters): each process counts its own shard
+    holds the same averaged gradients. FSDP (sharded parameters): each process counts its own shard
     (``DTensor.to_local()``), and the bucket counts, sums and squared norms are summed across processes, so nothing is
     gathered and the result equals the unsharded tensor's; a copy replicated on several processes counts once.
 
@@ -200,24 +199,19 @@ class _Shards:
     """How a process's tensors relate to the full ones, so that per-process sums add up to full-tensor sums.
 
     Each value of a full tensor lives on ``world_size / shards`` processes, where ``shards`` is how many pieces it
-    is cut into: 1 for a replicated tensor (DDP), the sharded mesh dimensions' sizes for a ``DTensor`` (FSDP2), and
-    for FSDP1's plain local views the processes sharding it (all, or one node's under ``HYBRID_SHARD``). Weighting
-    each process's sums by ``shards / world_size`` makes their total count every value once.
+    is cut into: 1 for a replicated tensor (DDP), the sharded mesh dimensions' sizes for a ``DTensor`` (FSDP2, hybrid
+    sharding included). Weighting each process's sums by ``shards / world_size`` makes their total count every value
+    once.
     """
 
     def __init__(self, trainer: L.Trainer) -> None:
         self.world_size = trainer.world_size
-        self.plain_shards = 1
-        strategy = trainer.strategy
-        if isinstance(strategy, FSDPStrategy) and strategy.sharding_strategy.name != "NO_SHARD":
-            hybrid = "HYBRID" in strategy.sharding_strategy.name  # sharded within a node, replicated across nodes
-            self.plain_shards = strategy.num_processes if hybrid else self.world_size
 
     def count(self, tensor: Tensor) -> int:
         if isinstance(tensor, DTensor):
             mesh = tensor.device_mesh
             return math.prod(mesh.size(i) for i, placement in enumerate(tensor.placements) if placement.is_shard())
-        return self.plain_shards
+        return 1
 
     def local(self, tensor: Tensor) -> tuple[Tensor, float]:
         """This process's part of ``tensor`` and the weight of its sums."""

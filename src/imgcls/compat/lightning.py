@@ -1,27 +1,20 @@
 """The private parts of Lightning this project relies on, in one place: the first to check after an upgrade."""
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 from types import FrameType
 from typing import Any
 
 import lightning as L
 from lightning.fabric.connector import _convert_precision_to_unified_args
-from lightning.fabric.strategies.fsdp import _activation_checkpointing_kwargs
-from lightning.pytorch.strategies import Strategy
-from torch import nn
+from lightning.pytorch.strategies import FSDPStrategy, Strategy
 from torch.distributed.device_mesh import DeviceMesh
 
 
 def quiet_known_warnings() -> None:
     """Silence the deprecation warnings Lightning's own code raises with this torch (each run printed three)."""
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-
-
-def activation_checkpointing_kwargs(blocks: set[type[nn.Module]]) -> dict[str, Any]:
-    """FSDP1's activation checkpointing arguments for these block classes, as Lightning's strategy builds them."""
-    return _activation_checkpointing_kwargs(None, blocks)
 
 
 def unified_precision(precision: Any) -> str | None:
@@ -62,3 +55,9 @@ def replace_sigterm_handler(trainer: L.Trainer, handler: Callable[[int, FrameTyp
 def stop_as_on_sigterm(trainer: L.Trainer) -> None:
     """Make the Trainer stop as it does after its own SIGTERM handler: ``SIGTERMException`` once this batch ends."""
     trainer._signal_connector.received_sigterm = True
+
+
+def release_fsdp1_names(names: Iterable[str]) -> None:
+    """Stop Lightning treating ``names`` as its FSDP1 strategy: it refuses those names without a GPU, even once
+    they are registered to another strategy (``_check_strategy_and_fallback``)."""
+    FSDPStrategy._registered_strategies[:] = [n for n in FSDPStrategy._registered_strategies if n not in names]

@@ -37,13 +37,13 @@ def close(strategy: Strategy) -> None:
 
     gloo's worker threads free a collective's tensors after the caller has moved on, and need the GIL for it. Still
     waiting for it when the interpreter exits, they abort the finished run ("terminate called without an active
-    exception"). Waiting in a barrier of every group (the default one, and a device mesh's, which FSDP2 uses)
+    exception"). Waiting in a barrier of every group (the default one, and the device meshes' that FSDP2 uses)
     releases the GIL to them first.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return
-    mesh = device_mesh(strategy)
-    for group in [None, *(mesh.get_all_groups() if mesh is not None else [])]:
+    meshes = [mesh for mesh in (device_mesh(strategy), getattr(strategy, "shard_mesh", None)) if mesh is not None]
+    for group in [None, *(group for mesh in meshes for group in mesh.get_all_groups())]:
         dist.barrier(group)
     dist.destroy_process_group()
 

@@ -1,28 +1,45 @@
 """FSDP2 (``fully_shard``, GPUs and CPUs) applied block by block, and activation checkpointing on the same blocks."""
 
-from typing import Any
+import contextlib
+from collections.abc import Iterator
+from typing import Any, Literal
 
+import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from imgcls.compat.torch import checkpoint
+from imgcls.errors import UserError
 from imgcls.parallel.blocks import block_classes
+from imgcls.parallel.deferred_init import materialize
 from imgcls.parallel.sharded_checkpoints import save_folder_atomically
+
+# --trainer.precision values whose parameters FSDP gathers in 16 bits (weights and optimizer stay in fp32)
+GATHER_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
 class FSDP2Strategy(ModelParallelStrategy):
     """FSDP2: ``fully_shard`` on each backbone block, then on the network, over all processes.
 
     Built on Lightning's ``ModelParallelStrategy`` (data parallel over every process, no tensor parallelism).
-    Parameters become DTensors sharded across ranks. Runs on GPUs and on CPUs (gloo).
+    Parameters become DTensors sharded across ranks. Runs on GPUs and on CPUs (gloo). The network is built on the
+    meta device and each process makes only its own shards (``imgcls.parallel.deferred_init``). Under
+    ``bf16-mixed`` blocks without BatchNorm are gathered in bf16; gradients are always reduced in fp32.
 
     Args:
         checkpoint_blocks: Recompute each block's activations in the backward pass instead of storing them.
         cpu_offload: Keep sharded parameters, gradients and optimizer states in CPU memory (GPU only).
         reshard_after_forward: Free gathered parameters after each block's forward (ZeRO-3). ``False`` keeps
             them until the backward (ZeRO-2): less communication, more memory.
+        shard_group_size: Hybrid sharding: shard within groups of this many processes and replicate across the
+            groups, so only gradient all-reduces cross between them. ``node``: one node's processes; ``None``:
+            shard over all processes.
+        sync_every_micro_batch: With ``--trainer.accumulate_grad_batches``, reduce-scatter the gradients after
+            every micro-batch, keeping them sharded. ``False`` (the default) reduces once per optimizer step, but
+            each process holds its units' unsharded gradients between the micro-batches (as much as DDP does).
         **kwargs: Everything ``ModelParallelStrategy`` takes, e.g. ``save_distributed_checkpoint=False`` for a
             single-file checkpoint instead of a directory of shards.
     """
@@ -32,12 +49,17 @@ class FSDP2Strategy(ModelParallelStrategy):
         checkpoint_blocks: bool = False,
         cpu_offload: bool = False,
         reshard_after_forward: bool = True,
+        shard_group_size: int | Literal["node"] | None = None,
+        sync_every_micro_batch: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.checkpoint_blocks = checkpoint_blocks
         self.cpu_offload = cpu_offload
         self.reshard_after_forward = reshard_after_forward
+        self.shard_group_size = shard_group_size
+        self.sync_every_micro_batch = sync_every_micro_batch
+        self.shard_mesh: DeviceMesh | None = None
 
     def setup_environment(self) -> None:
         if self._tensor_parallel_size == "auto":  # FSDP2 alone: no tensor parallelism
@@ -45,6 +67,16 @@ class FSDP2Strategy(ModelParallelStrategy):
         if self._data_parallel_size == "auto":
             self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+        self.shard_mesh = self.device_mesh["data_parallel"]
+        size = self.num_processes if self.shard_group_size == "node" else self.shard_group_size
+        if size is not None and size != self.world_size:
+            if not isinstance(size, int) or size < 1 or self.world_size % size:
+                raise UserError(
+                    f"--trainer.strategy.shard_group_size {self.shard_group_size}: give a divisor of the "
+                    f"{self.world_size} processes, or node"
+                )
+            shape = (self.world_size // size, size)  # (replicas, shards): the sampler still splits over all
+            self.shard_mesh = init_device_mesh(self.root_device.type, shape, mesh_dim_names=("replicate", "shard"))
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         save = super().save_checkpoint
@@ -60,24 +92,58 @@ class FSDP2Strategy(ModelParallelStrategy):
             )
         shard_blocks(
             self.lightning_module,
-            self.device_mesh["data_parallel"],
+            self.shard_mesh,
             checkpoint_blocks=self.checkpoint_blocks,
+            gather_dtype=GATHER_DTYPES.get(str(getattr(self.precision_plugin, "precision", ""))),
             offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy(),
             reshard_after_forward=self.reshard_after_forward,
         )
+        materialize(self.lightning_module, torch.device("cpu") if offload else self.root_device)
         super().setup(trainer)
 
+    @contextlib.contextmanager
+    def block_backward_sync(self) -> Iterator[None]:
+        """Accumulating gradients: no reduce-scatter until the last micro-batch before an optimizer step.
 
-def shard_blocks(module: nn.Module, mesh: Any, checkpoint_blocks: bool = False, **fsdp_kwargs: Any) -> None:
-    """Apply ``fully_shard`` to each block of ``module``'s networks, then to each network; skip what is sharded."""
+        Lightning's loop enters this around each earlier micro-batch, but its own version acts on DDP only.
+        """
+        units = [m for m in self.lightning_module.modules() if isinstance(m, FSDPModule)]
+        modules = [] if self.sync_every_micro_batch else units
+        for module in modules:
+            module.set_requires_gradient_sync(False, recurse=False)
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.set_requires_gradient_sync(True, recurse=False)
+
+
+def shard_blocks(
+    module: nn.Module,
+    mesh: Any,
+    checkpoint_blocks: bool = False,
+    gather_dtype: torch.dtype | None = None,
+    **fsdp_kwargs: Any,
+) -> None:
+    """Apply ``fully_shard`` to each block of ``module``'s networks, then to each network; skip what is sharded.
+
+    With ``gather_dtype``, units without BatchNorm are gathered and computed in it; BatchNorm's units stay in fp32
+    (autocast still runs their convolutions in 16 bits), as 16-bit running statistics drift.
+    """
     if checkpoint_blocks:
         recompute_blocks(module)
+
+    def shard(unit: nn.Module) -> None:
+        low = gather_dtype is not None and not _holds_batchnorm(unit)
+        policy = MixedPrecisionPolicy(param_dtype=gather_dtype if low else None, reduce_dtype=torch.float32)
+        fully_shard(unit, mesh=mesh, mp_policy=policy, **fsdp_kwargs)
+
     blocks = block_classes(module)
     for block in [m for m in module.modules() if type(m) in blocks and not isinstance(m, FSDPModule)]:
-        fully_shard(block, mesh=mesh, **fsdp_kwargs)
+        shard(block)
     for child in module.children():  # the networks (metrics hold no parameters)
         if not isinstance(child, FSDPModule) and any(True for _ in child.parameters()):
-            fully_shard(child, mesh=mesh, **fsdp_kwargs)
+            shard(child)
 
 
 def recompute_blocks(module: nn.Module) -> int:
@@ -90,3 +156,10 @@ def recompute_blocks(module: nn.Module) -> int:
     for block in todo:
         checkpoint(block)
     return len(todo)
+
+
+def _holds_batchnorm(unit: nn.Module) -> bool:
+    """Whether ``unit`` itself (not a sub-unit already sharded) has BatchNorm parameters."""
+    if isinstance(unit, nn.modules.batchnorm._BatchNorm):
+        return True
+    return any(_holds_batchnorm(child) for child in unit.children() if not isinstance(child, FSDPModule))

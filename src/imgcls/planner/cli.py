@@ -89,7 +89,7 @@ def configured_strategy(value: Any, world_size: int) -> StrategySpec | None:
         return StrategySpec(flag, "single device")
     if name in ("auto", AUTO_FIT) or name.startswith("ddp") or name == "DDPStrategy":
         return StrategySpec(flag, "ddp", buckets=True)
-    if name.startswith("fsdp2") or name == "FSDP2Strategy":
+    if name.startswith("fsdp") or name == "FSDP2Strategy":
         return StrategySpec(
             flag,
             name,
@@ -97,19 +97,7 @@ def configured_strategy(value: Any, world_size: int) -> StrategySpec | None:
             checkpoint=bool(args.get("checkpoint_blocks", "checkpointing" in name)),
             offload=bool(args.get("cpu_offload", "offload" in name)),
             reshard=bool(args.get("reshard_after_forward", True)),
-        )
-    if name.startswith("fsdp") or name in ("FSDP1Strategy", "FSDPStrategy"):  # FSDP1: estimated as FSDP2
-        sharding = str(args.get("sharding_strategy", "FULL_SHARD")).upper()
-        if sharding == "NO_SHARD":
-            return StrategySpec(flag, "ddp", buckets=True)
-        return StrategySpec(
-            flag,
-            name,
-            shard=True,
-            checkpoint=bool(args.get("checkpoint_blocks", False)),
-            offload=bool(args.get("cpu_offload", "offload" in name)),
-            reshard=sharding not in ("SHARD_GRAD_OP", "_HYBRID_SHARD_ZERO2"),
-            hybrid="HYBRID" in sharding,
+            hybrid=args.get("shard_group_size") is not None or "hybrid" in name,  # estimated as one node's shards
         )
     return None
 
@@ -137,8 +125,7 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"  {flag:34}{sizes}  {'yes' if plan.fits(e) else 'no'}")
     lines.append("")
     if configured is not None:
-        fsdp1 = configured.strategy.shard and "fsdp2" not in configured.strategy.flag.lower()
-        lines.append("  * configured" + (" (FSDP1, estimated as FSDP2)" if fsdp1 else ""))
+        lines.append("  * configured")
     if any(e.strategy.offload for e in rows):
         host = _size(max(e.host for e in rows))
         lines.append(f"  CPU offload keeps {host} of parameters, gradients and optimizer states per process in RAM")

@@ -29,14 +29,14 @@ def standard_strategies(world_size: int, gpu: bool) -> list[StrategySpec]:
     """The strategies a plan compares, cheapest first: the least communication and recomputation."""
     rows = [
         StrategySpec("ddp", "ddp", buckets=True) if world_size > 1 else StrategySpec("auto", "single device"),
-        StrategySpec("fsdp2", "fsdp", shard=True),
-        StrategySpec("fsdp2_checkpointing", "fsdp + activation checkpointing", shard=True, checkpoint=True),
+        StrategySpec("fsdp", "fsdp", shard=True),
+        StrategySpec("fsdp_checkpointing", "fsdp + activation checkpointing", shard=True, checkpoint=True),
     ]
     if gpu:  # offload moves state from the GPU to host memory; a CPU has nowhere to move it
-        rows.append(StrategySpec("fsdp2_cpu_offload", "fsdp + CPU offload", shard=True, offload=True))
+        rows.append(StrategySpec("fsdp_cpu_offload", "fsdp + CPU offload", shard=True, offload=True))
         rows.append(
             StrategySpec(
-                "fsdp2_cpu_offload_checkpointing",
+                "fsdp_cpu_offload_checkpointing",
                 "fsdp + CPU offload + activation checkpointing",
                 shard=True,
                 checkpoint=True,
