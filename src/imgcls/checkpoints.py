@@ -1,7 +1,7 @@
 """Reading checkpoints safely: any device's checkpoint onto the CPU, tensors and plain data only.
 
-A checkpoint is a ``.ckpt`` file, or a directory of shards written by a sharded strategy (``fsdp``, or ``fsdp``
-with ``state_dict_type: sharded``): ``.metadata``, one ``__<rank>_0.distcp`` per rank and Lightning's ``meta.pt``.
+A checkpoint is a ``.ckpt`` file, or a directory of shards written by a sharded strategy (``fsdp`` and its
+variants): ``.metadata``, one ``__<rank>_0.distcp`` per rank and Lightning's ``meta.pt``.
 """
 
 import pickle

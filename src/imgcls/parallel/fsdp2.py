@@ -107,8 +107,8 @@ class FSDP2Strategy(ModelParallelStrategy):
 
         Lightning's loop enters this around each earlier micro-batch, but its own version acts on DDP only.
         """
-        units = [m for m in self.lightning_module.modules() if isinstance(m, FSDPModule)]
-        modules = [] if self.sync_every_micro_batch else units
+        units = self.lightning_module.modules()
+        modules = [] if self.sync_every_micro_batch else [m for m in units if isinstance(m, FSDPModule)]
         for module in modules:
             module.set_requires_gradient_sync(False, recurse=False)
         try:
