@@ -15,6 +15,7 @@ from helpers import run
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from imgcls.backbones.factory import create_backbone
+from imgcls.parallel.collectives import DEFAULT_TIMEOUT_S
 from imgcls.parallel.deferred_init import build_deferred, materialize
 
 REPORT = "tests/scripts/train_and_report.py"
@@ -73,6 +74,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "ddp": train(root / "ddp", "--trainer.strategy=ddp", devices=2),
         "fsdp": train(root / "fsdp", "--trainer.strategy=fsdp", devices=2),
         "accumulated": train(root / "accumulated", "--trainer.strategy=fsdp", devices=2, accumulate=2),
+        "compiled": train(root / "compiled", "--trainer.strategy=fsdp", "--model.compile=true", devices=2),
     }
 
 
@@ -101,7 +103,7 @@ def test_fsdp_matches_ddp_and_holds_about_half_the_model_state(runs: dict[str, P
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_sharded_checkpoint_resumes_on_one_process_consolidates_exports_and_predicts(
+def test_sharded_checkpoint_resumes_on_one_and_four_processes_consolidates_exports_and_predicts(
     runs: dict[str, Path], tmp_path: Path
 ) -> None:
     workdir = shutil.copytree(runs["fsdp"], tmp_path / "fsdp")  # the other tests read the run's own reports
@@ -110,13 +112,17 @@ def test_sharded_checkpoint_resumes_on_one_process_consolidates_exports_and_pred
 
     live = report(workdir, 0)["top1"]  # the 2-rank model in memory when training ended (= last.ckpt)
 
-    # Saved by 2 ranks, resumed by 1: one more epoch on top of the restored steps.
-    resumed = run(
-        REPORT, *VIT, "--trainer.strategy=fsdp", "--trainer.devices=1", f"--data.batch_size={GLOBAL_BATCH}",
-        f"--trainer.limit_train_batches={STEPS}", "--trainer.max_epochs=2", "--ckpt_path", str(shards), cwd=workdir,
-    )  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert list(train_losses(workdir, version=1)) == list(range(STEPS, 2 * STEPS))  # continues where it stopped
+    # Saved by 2 ranks, resumed by 1 and by 4: one more epoch on top of the restored steps, the same global batches.
+    for devices in (1, 4):
+        resumed = run(
+            REPORT, *VIT, "--trainer.strategy=fsdp", f"--trainer.devices={devices}", "--trainer.max_epochs=2",
+            f"--data.batch_size={GLOBAL_BATCH // devices}", f"--trainer.limit_train_batches={STEPS}",
+            "--ckpt_path", str(shards), cwd=workdir,
+        )  # fmt: skip
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+    one, four = train_losses(workdir, version=1), train_losses(workdir, version=2)
+    assert list(one) == list(four) == list(range(STEPS, 2 * STEPS))  # both continue where it stopped
+    assert max(abs(one[step] - four[step]) for step in one) < 1e-4
 
     consolidated = workdir / "full.ckpt"
     done = run("scripts/consolidate_checkpoint.py", str(shards), str(consolidated), cwd=workdir)
@@ -159,6 +165,18 @@ def test_accumulation_reduces_once_per_optimizer_step_and_matches_the_full_batch
 
 @pytest.mark.slow
 @pytest.mark.distributed
+def test_compiling_under_fsdp_compiles_each_block_once_and_trains_the_same(runs: dict[str, Path]) -> None:
+    compiled = report(runs["compiled"])
+    assert compiled["compiled_blocks"] == 2  # both blocks still compiled at the end: no fallback to eager
+    # One graph each for training, validation (inference mode) and the report's no_grad forward: both blocks use it
+    assert compiled["compiled_graphs"] == 3
+    eager = train_losses(runs["fsdp"])
+    assert train_losses(runs["compiled"]) == pytest.approx(eager, abs=1e-4)
+    assert compiled["weights"] == pytest.approx(report(runs["fsdp"])["weights"], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_hybrid_sharding_shards_within_groups_and_matches_ddp(runs: dict[str, Path], tmp_path: Path) -> None:
     # 4 processes: 2 replicas x 2 shards. The same global batches as the 2-process DDP run.
     strategy = ["--trainer.strategy=imgcls.parallel.fsdp2.FSDP2Strategy", "--trainer.strategy.shard_group_size=2"]
@@ -168,6 +186,7 @@ def test_hybrid_sharding_shards_within_groups_and_matches_ddp(runs: dict[str, Pa
     assert [report(hybrid, rank)["params"] for rank in range(4)] == halves * 2  # one of 2 shards each, not of 4
     assert report(hybrid)["weights"] == pytest.approx(ddp["weights"], rel=1e-4, abs=1e-5)
     assert report(hybrid, 3)["weights"] == report(hybrid, 0)["weights"]
+    assert report(hybrid)["group_timeouts_s"] == [DEFAULT_TIMEOUT_S] * 2  # --collective_timeout's default
 
 
 @pytest.mark.slow
@@ -180,6 +199,25 @@ def test_bf16_mixed_gathers_in_16_bits_and_reduces_in_fp32(tmp_path: Path) -> No
     assert {name.split()[1] for name in counts if name.startswith("all_gather")} == {"bfloat16"}
     assert {name.split()[1] for name in counts if name.startswith("reduce_scatter")} == {"float32"}
     assert report(workdir)["weights"] == pytest.approx(report(workdir, 1)["weights"], abs=0)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_16_mixed_skips_a_step_on_every_process_when_one_process_overflows(tmp_path: Path) -> None:
+    # fp16 autocast on CPU processes: on a CPU Lightning turns the 16-mixed flag into bf16-mixed, but not its plugin
+    plugin = {
+        "class_path": "lightning.pytorch.plugins.precision.MixedPrecision",
+        "init_args": {"precision": "16-mixed", "device": "cpu"},
+    }
+    flags = ["--trainer.strategy=fsdp", f"--trainer.plugins={json.dumps(plugin)}", "--trainer.limit_train_batches=2",
+             "--trainer.callbacks+=train_and_report.OverflowOnRank1"]  # fmt: skip
+    workdir = train(tmp_path / "fp16", *flags, devices=2)
+    # Rank 1's overflow skipped the first step on both ranks and halved both scales; a scaler that looked at each
+    # process's own shards would have stepped rank 0 and left its scale alone (FSDP1 needed ShardedGradScaler).
+    assert [report(workdir, rank)["loss_scale"] for rank in (0, 1)] == [2.0**15, 2.0**15]
+    counts = report(workdir)["collectives"]
+    assert {name.split()[1] for name in counts if name.startswith("all_gather")} == {"float16"}
+    assert {name.split()[1] for name in counts if name.startswith("reduce_scatter")} == {"float32"}
 
 
 @pytest.mark.parametrize(

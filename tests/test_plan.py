@@ -196,6 +196,32 @@ def test_plan_prints_each_strategy_and_the_recommendation_without_allocating(
     assert estimate(job, best.strategy).peak == best.peak
 
 
+def test_plan_has_a_hybrid_row_on_several_nodes_and_counts_whole_gradients_while_accumulating(
+    in_tmp: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # 2 nodes of 2, 4 micro-batches a step; configured: fsdp reducing every micro-batch, as without accumulation
+    plan = train(
+        ["--plan", "--plan.device_memory=80GiB", "--trainer.devices=2", "--trainer.num_nodes=2",
+         "--trainer.accumulate_grad_batches=4", f"--config={REPO / 'configs' / 'fsdp.yaml'}",
+         "--trainer.strategy.sync_every_micro_batch=true"]
+    ).plan  # fmt: skip
+    out = capsys.readouterr().out
+    rows = table(out)
+    assert list(rows)[:3] == ["ddp", "fsdp_hybrid", "fsdp"]  # cheapest first: all-gathers stay within a node
+    assert rows["fsdp_hybrid"]["params"] == pytest.approx(rows["ddp"]["params"] / 2, abs=0.01)  # 2 shards, not 4
+    assert rows["fsdp"]["params"] == pytest.approx(rows["ddp"]["params"] / 4, abs=0.01)
+    assert "accumulating 4 micro-batches: fsdp holds whole gradients between them" in out
+
+    # Without a reduce-scatter per micro-batch, the last micro-batch starts with the whole fp32 gradients of the
+    # ones before, and frees them unit by unit (test_plan_accuracy.py measures this on 2 processes).
+    fsdp = next(e for e in plan.estimates if e.strategy.flag == "fsdp")
+    resharding = plan.configured
+    assert resharding not in plan.estimates and resharding.params == fsdp.params
+    grown = fsdp.forward_backward - resharding.forward_backward
+    assert 0.3 * 4 * plan.parameters < grown <= 4 * plan.parameters
+    assert fsdp.update == resharding.update
+
+
 def test_plan_errors_are_one_line(in_tmp: Path) -> None:
     with pytest.raises(SystemExit, match=r"^error: --plan.device_memory lots: give a size such as 80GiB"):
         train(["--plan", "--plan.device_memory=lots"])

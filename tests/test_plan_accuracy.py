@@ -39,7 +39,9 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("accuracy")
 
 
-def planned(backbone: str, batch: int, strategy: StrategySpec = SINGLE, world_size: int = 1) -> Estimate:
+def planned(
+    backbone: str, batch: int, strategy: StrategySpec = SINGLE, world_size: int = 1, accumulate: int = 1
+) -> Estimate:
     """The planner's estimate for these runs, for the Job ``train.py --plan`` builds from the same flags (the digits'
     10 classes, AdamW, 32-true; tests/test_plan.py checks that the command line gives the same)."""
 
@@ -48,7 +50,8 @@ def planned(backbone: str, batch: int, strategy: StrategySpec = SINGLE, world_si
         module.configure_model()
         return module
 
-    job = Job(build, torch.optim.AdamW, batch, 224, world_size=world_size, devices_per_node=world_size)
+    job = Job(build, torch.optim.AdamW, batch, 224, world_size=world_size, devices_per_node=world_size,
+              accumulate_grad_batches=accumulate)  # fmt: skip
     return estimate(job, strategy)
 
 
@@ -69,10 +72,14 @@ def test_planned_peak_of_a_training_step_is_within_10_percent_of_a_real_one(
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_fsdp2_estimate_per_rank_matches_two_cpu_processes(tmp_path: Path) -> None:
-    expected = planned("resnet18", 4, StrategySpec("fsdp", "fsdp", shard=True), world_size=2)
+def test_fsdp2_estimate_per_rank_matches_two_cpu_processes_accumulating(tmp_path: Path) -> None:
+    """Accumulating 2 micro-batches: the measured one is the second step's last, which starts with the first's whole
+    gradients, the optimizer states and no sharded gradients (zeroed at the step's first micro-batch)."""
+    expected = planned("resnet18", 4, StrategySpec("fsdp", "fsdp", shard=True), world_size=2, accumulate=2)
     args = ["--model.backbone=resnet18", "--data.batch_size=4", "--trainer.strategy=fsdp", "--trainer.devices=2"]
-    result = run("tests/scripts/train_and_report.py", *STEPS, *args, MEASURE, cwd=tmp_path)
+    accumulate = ["--trainer.accumulate_grad_batches=2", "--trainer.limit_train_batches=4"]
+    measure = '--trainer.callbacks+={"class_path": "allocator_peak.AllocatorPeak", "init_args": {"batch": 3}}'
+    result = run("tests/scripts/train_and_report.py", *STEPS, *args, *accumulate, measure, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in (0, 1):  # what each process holds between steps: its shards (rank 1's are a few rows shorter)
         held = json.loads((tmp_path / f"report_rank{rank}.json").read_text())

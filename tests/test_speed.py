@@ -49,9 +49,23 @@ def test_compile_trains_the_same_network(in_tmp: Path, recwarn: pytest.WarningsR
     )  # loading the checkpoint elsewhere does not compile
 
 
-def test_compile_failure_falls_back_with_one_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        [],
+        # Each block compiled, each failing; the progress bar on, as in every multi-process test
+        pytest.param(
+            ["--trainer.strategy=fsdp", "--trainer.devices=2", "--trainer.enable_progress_bar=true"],
+            marks=[pytest.mark.slow, pytest.mark.distributed],
+            id="fsdp",
+        ),
+    ],
+)
+def test_compile_failure_falls_back_with_one_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strategy: list[str]
+) -> None:
     monkeypatch.setenv("CXX", str(tmp_path / "no-compiler"))  # inductor needs a C++ compiler on the CPU
-    result = run("train.py", *SHORT, "--model.compile=true", cwd=tmp_path)
+    result = run("train.py", *SHORT, "--model.compile=true", "--trainer.accelerator=cpu", *strategy, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     warnings = [line for line in result.stderr.splitlines() if f"UserWarning: {FALLBACK}: " in line]
     assert len(warnings) == 1 and "C++ compiler" in warnings[0], result.stderr[-3000:]

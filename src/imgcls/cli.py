@@ -29,6 +29,7 @@ from imgcls.data.datamodule import DEFAULT_CROP_SIZE, ImageFolderDataModule
 from imgcls.errors import UserError, exit_with
 from imgcls.model import MONITOR, ImageClassifier
 from imgcls.parallel.collectives import DEFAULT_TIMEOUT_S, apply_timeout, close, describe_failure, is_collective_failure
+from imgcls.parallel.fsdp2 import fp16_trainer_args
 from imgcls.parallel.registry import register_strategies
 from imgcls.resume import check_resumable, resolve_ckpt_path
 
@@ -202,6 +203,7 @@ class TrainCLI(LightningCLI):
             if options.enabled:
                 return None
             trainer.strategy = kwargs["strategy"] = auto_fit(self.plan)  # config.yaml records the choice
+        kwargs.update(fp16_trainer_args({**self.config_init.trainer, **kwargs}))
         try:
             instance = super().instantiate_trainer(**kwargs)
         except ValueError as error:  # the Trainer refuses its settings (a GPU-only strategy on a CPU, ...)

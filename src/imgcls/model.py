@@ -18,6 +18,7 @@ from imgcls.backbones import finetuning
 from imgcls.backbones.factory import create_backbone
 from imgcls.backbones.weights import Pretrained, resolve_weights
 from imgcls.data.datamodule import IGNORE_INDEX
+from imgcls.parallel.blocks import compile_blocks, uncompile_blocks
 from imgcls.parallel.deferred_init import build_deferred
 from imgcls.parallel.fsdp2 import FSDP2Strategy
 from imgcls.parallel.reduced import log_reduced
@@ -51,8 +52,9 @@ class ImageClassifier(L.LightningModule):
         channels_last: Keep weights and images in channels-last memory order, which tensor cores want for
             convolutions under 16-bit precision on GPUs.
         compile: ``torch.compile`` the network: ``true``, or its keyword arguments, e.g. ``{mode: max-autotune}``.
-            If compiling fails (no C++ compiler, no Triton, an operator it cannot lower), training goes on
-            without it, with a warning that says why.
+            Under ``fsdp`` each block is compiled instead (FSDP's communication between blocks stays eager, and
+            blocks of one class share one compiled graph). If compiling fails (no C++ compiler, no Triton, an
+            operator it cannot lower), training goes on without it, with a warning that says why.
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class ImageClassifier(L.LightningModule):
         self.channels_last = channels_last
         self.compile_options = {} if compile is True else compile
         self.compiled: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.compiled_blocks: list[nn.Module] = []
         # Weights that change the network (ViT SWAG: 384-pixel position embeddings) are recorded with it, so the
         # checkpoint rebuilds the same network without them (imgcls.inference.predictor).
         self.hparams.backbone_kwargs = {**self.weights.arch_kwargs(), **(backbone_kwargs or {})}
@@ -116,9 +119,13 @@ class ImageClassifier(L.LightningModule):
             if self.channels_last:
                 self.net.to(memory_format=torch.channels_last)
             if self.compile_options is not False:
-                # The forward function, not the module: torch.compile(module) would add a wrapper module, and with
-                # it a second name for every weight in the checkpoint. Compiling happens on the first call.
-                self.compiled = torch.compile(self.net.forward, **self.compile_options)
+                # Sharded: each block, before FSDP2Strategy.setup wraps them. Else the forward function, not the
+                # module: torch.compile(module) would add a wrapper module, and with it a second name for every
+                # weight in the checkpoint. Compiling happens on the first call.
+                self.compiled_blocks = compile_blocks(self.net, **self.compile_options) if sharded else []
+                self.compiled = (
+                    self.net if self.compiled_blocks else torch.compile(self.net.forward, **self.compile_options)
+                )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -130,6 +137,8 @@ class ImageClassifier(L.LightningModule):
                 reason = next(iter(str(error).strip().splitlines()), type(error).__name__)
                 rank_zero_warn(f"--model.compile: torch.compile failed, training goes on without it: {reason}")
                 self.compiled = None
+                uncompile_blocks(self.compiled_blocks)
+                self.compiled_blocks = []
         return self.net(images)  # (B, num_classes) logits
 
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> dict[str, torch.Tensor]:

@@ -1,12 +1,13 @@
 """The peak memory of a real training step, read from the CPU allocator: the measured side of the planner's tests.
 
 Add ``AllocatorPeak`` to a run like any callback (``--trainer.callbacks+=allocator_peak.AllocatorPeak``). From
-``setup`` (before the network is built) until the end of the second training step, the PyTorch profiler records
-every allocation and free of c10's CPU allocator (``profile_memory=True``); the running sum of their sizes is what
-the process's tensors hold. The peak is its maximum during the second step, the first steady-state one (gradients
-and optimizer states exist from its start). This shares no code or method with the estimate (fake tensors,
-dispatch-level tracking): it sees real kernels' allocations, their workspaces included. Each rank writes
-``allocator_peak_rank<R>.json`` in the working directory: ``{"peak": bytes}``.
+``setup`` (before the network is built) until the end of the measured training batch, the PyTorch profiler
+records every allocation and free of c10's CPU allocator (``profile_memory=True``); the running sum of their sizes
+is what the process's tensors hold. The peak is its maximum during that batch: the second (the first steady-state
+step: gradients and optimizer states exist from its start), or the one ``AllocatorPeak(batch=N)`` names. This
+shares no code or method with the estimate (fake tensors, dispatch-level tracking): it sees real kernels'
+allocations, their workspaces included. Each rank writes ``allocator_peak_rank<R>.json`` in the working directory:
+``{"peak": bytes}``.
 """
 
 import json
@@ -45,6 +46,9 @@ def peak_bytes(profiler: profile, window: str | None = None) -> int:
 
 
 class AllocatorPeak(L.Callback):
+    def __init__(self, batch: int = MEASURED) -> None:
+        self.batch = batch
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":  # before configure_model builds the network: every byte of the run is seen
             self.profiler = allocations()
@@ -53,14 +57,14 @@ class AllocatorPeak(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object, batch_idx: int
     ) -> None:
-        if batch_idx == MEASURED:
+        if batch_idx == self.batch:
             self.step = record_function(WINDOW)  # marks the step's start and end on the profiler's clock
             self.step.__enter__()
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: object, batch_idx: int
     ) -> None:
-        if batch_idx != MEASURED:
+        if batch_idx != self.batch:
             return
         self.step.__exit__(None, None, None)
         self.profiler.__exit__(None, None, None)

@@ -2,8 +2,10 @@
 
 At the end of training each rank writes ``report_rank<R>.json`` in the working directory: the bytes of
 parameters, gradients and optimizer states it holds (local shards only), the sums of the full weights, the
-live model's top-1 class for every 27th test image, and the count of FSDP's all-gathers and reduce-scatters by
-the dtype they carried (the real collectives run; they are only counted on the way).
+live model's top-1 class for every 27th test image, the count of FSDP's all-gathers and reduce-scatters by
+the dtype they carried (the real collectives run; they are only counted on the way), the number of graphs
+torch.compile made and of blocks still compiled, 16-mixed's loss scale, and the timeouts of FSDP's process
+groups. ``OverflowOnRank1`` makes one process's gradients overflow in the first step.
 """
 
 import collections
@@ -67,6 +69,10 @@ class Report(L.Callback):
         with torch.no_grad():
             top1 = pl_module(images).argmax(1).tolist()  # a collective under FSDP2: every rank runs it
         pl_module.train()
+        dynamo = sys.modules.get("torch._dynamo.utils")  # imported once something is compiled
+        scaler = getattr(trainer.precision_plugin, "scaler", None)  # 16-mixed's loss scaler
+        mesh = getattr(trainer.strategy, "shard_mesh", None)  # FSDP2Strategy's: (replicate, shard) when hybrid
+        groups = [mesh.get_group(dim) for dim in range(mesh.ndim)] if mesh is not None else []
         report = {
             "top1": [pl_module.hparams.class_names[i] for i in top1],
             "params": _nbytes(params),
@@ -74,9 +80,20 @@ class Report(L.Callback):
             "optimizer": _nbytes(states),
             "weights": [t.detach().double().sum().item() for t in full],
             "collectives": dict(COLLECTIVES),
+            "compiled_graphs": dynamo.counters["stats"]["unique_graphs"] if dynamo else 0,
+            "compiled_blocks": len(pl_module.compiled_blocks),
+            "loss_scale": scaler.get_scale() if scaler is not None else None,
+            "group_timeouts_s": [g._get_backend(torch.device("cpu")).options._timeout.total_seconds() for g in groups],
         }
         with open(f"report_rank{trainer.global_rank}.json", "w") as file:
             json.dump(report, file)
+
+
+class OverflowOnRank1(L.Callback):
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == 0 and trainer.global_rank == 1:
+            grad = next(_local(p.grad) for p in pl_module.parameters() if p.grad is not None and _local(p.grad).numel())
+            grad.view(-1)[0] = float("inf")  # in this process's shard only
 
 
 if __name__ == "__main__":

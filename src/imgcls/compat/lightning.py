@@ -15,6 +15,8 @@ from torch.distributed.device_mesh import DeviceMesh
 def quiet_known_warnings() -> None:
     """Silence the deprecation warnings Lightning's own code raises with this torch (each run printed three)."""
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # 16-mixed under FSDP2: the loss scaler's overflow flag is a 1-element tensor, replicated as it should be
+    warnings.filterwarnings("ignore", message="Found a non-scalar tensor with numel=1 and ndim!=0")
 
 
 def unified_precision(precision: Any) -> str | None:
@@ -42,6 +44,11 @@ def set_collective_timeout(strategy: Strategy, timeout: timedelta) -> bool:
         return False
     strategy._timeout = timeout
     return True
+
+
+def collective_timeout(strategy: Strategy) -> timedelta | None:
+    """The timeout ``strategy`` gives its process group (see ``set_collective_timeout``)."""
+    return getattr(strategy, "_timeout", None)
 
 
 def replace_sigterm_handler(trainer: L.Trainer, handler: Callable[[int, FrameType | None], None]) -> None:

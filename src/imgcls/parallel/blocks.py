@@ -1,5 +1,9 @@
-"""The repeated units of a network (ResNet blocks, ViT encoder blocks, ...): what FSDP shards and checkpoints."""
+"""The repeated units of a network (ResNet blocks, ViT encoder blocks, ...): what FSDP shards, checkpoints and
+compiles."""
 
+from typing import Any
+
+import torch
 from torch import nn
 
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
@@ -31,3 +35,22 @@ def block_classes(model: nn.Module) -> set[type[nn.Module]]:
 
 def _is_composite(module: nn.Module) -> bool:
     return not isinstance(module, CONTAINERS) and any(True for _ in module.children())
+
+
+def compile_blocks(model: nn.Module, **options: Any) -> list[nn.Module]:
+    """``torch.compile`` the forward of each block, leaving the hooks around it (FSDP's, checkpointing's) eager.
+
+    Blocks of one class share one compiled graph. The modules stay as they are, so their weights keep their names
+    (``torch.compile(module)`` would add ``_orig_mod.`` to each). Returns the blocks, for ``uncompile_blocks``.
+    """
+    blocks = block_classes(model)
+    compiled = [m for m in model.modules() if type(m) in blocks]
+    for block in compiled:
+        block.forward = torch.compile(block.forward, **options)
+    return compiled
+
+
+def uncompile_blocks(blocks: list[nn.Module]) -> None:
+    """Undo ``compile_blocks``: each block runs its class's forward again."""
+    for block in blocks:
+        del block.forward

@@ -5,12 +5,15 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+from imgcls.compat.lightning import collective_timeout, unified_precision
 from imgcls.compat.torch import checkpoint
 from imgcls.errors import UserError
 from imgcls.parallel.blocks import block_classes
@@ -27,7 +30,9 @@ class FSDP2Strategy(ModelParallelStrategy):
     Built on Lightning's ``ModelParallelStrategy`` (data parallel over every process, no tensor parallelism).
     Parameters become DTensors sharded across ranks. Runs on GPUs and on CPUs (gloo). The network is built on the
     meta device and each process makes only its own shards (``imgcls.parallel.deferred_init``). Under
-    ``bf16-mixed`` blocks without BatchNorm are gathered in bf16; gradients are always reduced in fp32.
+    ``bf16-mixed`` (``16-mixed``) blocks without BatchNorm are gathered in bf16 (fp16); gradients are always reduced
+    in fp32. Under ``16-mixed`` a step is skipped on every process when any process's gradient shards overflowed
+    (the loss scaler's check runs on DTensors, so over all shards).
 
     Args:
         checkpoint_blocks: Recompute each block's activations in the backward pass instead of storing them.
@@ -75,8 +80,15 @@ class FSDP2Strategy(ModelParallelStrategy):
                     f"--trainer.strategy.shard_group_size {self.shard_group_size}: give a divisor of the "
                     f"{self.world_size} processes, or node"
                 )
-            shape = (self.world_size // size, size)  # (replicas, shards): the sampler still splits over all
-            self.shard_mesh = init_device_mesh(self.root_device.type, shape, mesh_dim_names=("replicate", "shard"))
+            layout = torch.arange(self.world_size).view(-1, size)  # (replicas, shards): the sampler splits over all
+            # Groups made here, not by init_device_mesh, so that --collective_timeout reaches them (not 30 minutes)
+            groups = [
+                dist.new_subgroups_by_enumeration(ranks.tolist(), timeout=collective_timeout(self))[0]
+                for ranks in (layout.T, layout)
+            ]
+            self.shard_mesh = DeviceMesh.from_group(
+                groups, self.root_device.type, layout, mesh_dim_names=("replicate", "shard")
+            )
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         save = super().save_checkpoint
@@ -163,3 +175,17 @@ def _holds_batchnorm(unit: nn.Module) -> bool:
     if isinstance(unit, nn.modules.batchnorm._BatchNorm):
         return True
     return any(_holds_batchnorm(child) for child in unit.children() if not isinstance(child, FSDPModule))
+
+
+def fp16_trainer_args(trainer: dict[str, Any]) -> dict[str, Any]:
+    """Trainer arguments that let ``16-mixed`` reach an ``FSDP2Strategy`` given as an instance (a config's
+    ``class_path``): Lightning refuses the flag for every ``ModelParallelStrategy`` instance, but not the plugin,
+    whose loss scaler checks the DTensor gradients of all shards (tests/test_fsdp.py). ``{}`` for other settings."""
+    strategy, precision = trainer.get("strategy"), unified_precision(trainer.get("precision"))
+    if not isinstance(strategy, FSDP2Strategy) or precision != "16-mixed":
+        return {}
+    accelerator = str(trainer.get("accelerator") or "auto")
+    if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):
+        rank_zero_warn("--trainer.precision 16-mixed: fp16 autocast needs a GPU; on the CPU, bf16-mixed instead")
+        return {"precision": "bf16-mixed"}
+    return {"precision": None, "plugins": [*(trainer.get("plugins") or []), MixedPrecision("16-mixed", "cuda")]}

@@ -53,6 +53,7 @@ def plan_run(model: L.LightningModule, data: L.LightningDataModule, trainer: Nam
         precision=precision,
         world_size=world,
         devices_per_node=per_node,
+        accumulate_grad_batches=int(trainer.accumulate_grad_batches or 1),
         gpu=gpu,
         name=model.hparams.backbone,
     )
@@ -98,6 +99,7 @@ def configured_strategy(value: Any, world_size: int) -> StrategySpec | None:
             offload=bool(args.get("cpu_offload", "offload" in name)),
             reshard=bool(args.get("reshard_after_forward", True)),
             hybrid=args.get("shard_group_size") is not None or "hybrid" in name,  # estimated as one node's shards
+            sync_every_micro_batch=bool(args.get("sync_every_micro_batch", False)),
         )
     return None
 
@@ -112,7 +114,8 @@ def format_plan(plan: Plan) -> str:
     lines = [
         f"Memory per device for one training step ({name})",
         f"  network   {job.name}, {plan.parameters / 1e6:,.1f} M parameters, {optimizer}",
-        f"  batch     {job.batch_size} images of {job.image_size}x{job.image_size} per device, {job.precision}",
+        f"  batch     {job.batch_size} images of {job.image_size}x{job.image_size} per device, {job.precision}"
+        + (f", {job.accumulate_grad_batches} micro-batches per step" if job.accumulate_grad_batches > 1 else ""),
         f"  devices   {job.world_size} ({job.devices_per_node} per node x {nodes} node{'s' * (nodes > 1)})",
         f"  budget    {_size(plan.budget)}: {_size(plan.device_memory)} per device ({plan.target}) less "
         f"{plan.headroom:.0%} headroom",
@@ -129,6 +132,12 @@ def format_plan(plan: Plan) -> str:
     if any(e.strategy.offload for e in rows):
         host = _size(max(e.host for e in rows))
         lines.append(f"  CPU offload keeps {host} of parameters, gradients and optimizer states per process in RAM")
+    whole_grads = [e for e in rows if e.strategy.shard and not e.strategy.sync_every_micro_batch]
+    if job.accumulate_grad_batches > 1 and whole_grads:
+        lines.append(
+            f"  accumulating {job.accumulate_grad_batches} micro-batches: fsdp holds whole gradients between them "
+            "(sync_every_micro_batch: true keeps them sharded)"
+        )
     if any(e.measured for e in rows):
         lines.append("  measured with real batches of 1 and 2 images: the network does not run on fake tensors")
     best = plan.recommended

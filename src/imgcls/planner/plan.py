@@ -25,14 +25,16 @@ NOT_TRACEABLE = (
 )
 
 
-def standard_strategies(world_size: int, gpu: bool) -> list[StrategySpec]:
+def standard_strategies(job: Job) -> list[StrategySpec]:
     """The strategies a plan compares, cheapest first: the least communication and recomputation."""
-    rows = [
-        StrategySpec("ddp", "ddp", buckets=True) if world_size > 1 else StrategySpec("auto", "single device"),
+    rows = [StrategySpec("ddp", "ddp", buckets=True) if job.world_size > 1 else StrategySpec("auto", "single device")]
+    if job.world_size > job.devices_per_node:  # several nodes: all-gathers within a node, all-reduces across them
+        rows.append(StrategySpec("fsdp_hybrid", "fsdp within each node, replicas across", shard=True, hybrid=True))
+    rows += [
         StrategySpec("fsdp", "fsdp", shard=True),
         StrategySpec("fsdp_checkpointing", "fsdp + activation checkpointing", shard=True, checkpoint=True),
     ]
-    if gpu:  # offload moves state from the GPU to host memory; a CPU has nowhere to move it
+    if job.gpu:  # offload moves state from the GPU to host memory; a CPU has nowhere to move it
         rows.append(StrategySpec("fsdp_cpu_offload", "fsdp + CPU offload", shard=True, offload=True))
         rows.append(
             StrategySpec(
@@ -109,7 +111,7 @@ def make_plan(
         raise UserError(f"--trainer.precision {job.precision}: the planner knows {', '.join(PRECISIONS)}")
     if not 0 <= headroom < 1:
         raise UserError(f"--plan.headroom {headroom}: give the share of memory to keep free, e.g. 0.1")
-    rows = standard_strategies(job.world_size, job.gpu)
+    rows = standard_strategies(job)
     if configured is not None and all(configured.memory != row.memory for row in rows):
         rows.append(configured)
     # One run serves a strategy with and without CPU offload: the trackers count both peaks.
@@ -121,7 +123,7 @@ def make_plan(
             runs[key] = _run(job, key)
         estimates.append(_estimate(job, strategy, *runs[key]))
     chosen = next((e for e in estimates if configured is not None and e.strategy.memory == configured.memory), None)
-    count = len(standard_strategies(job.world_size, job.gpu))
+    count = len(standard_strategies(job))
     plan = Plan(job, estimates[:count], chosen, device_memory, headroom, parameter_count(job.build), target)
     frugal = plan.recommended or plan.estimates[-1]
     return dataclasses.replace(plan, max_batch=largest_batch(job, frugal, plan.budget))

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from imgcls.backbones.meta import build_on_meta
@@ -42,6 +43,7 @@ class Job:
         precision: Lightning's precision flag.
         world_size: Devices times nodes.
         devices_per_node: Devices (processes) on one node; hybrid sharding shards over these.
+        accumulate_grad_batches: Micro-batches per optimizer step.
         gpu: Plan for GPUs: foreach optimizer steps (CUDA's default) and CPU offload are possible.
         name: The network's name, for the report.
     """
@@ -53,6 +55,7 @@ class Job:
     precision: str = "32-true"
     world_size: int = 1
     devices_per_node: int = 1
+    accumulate_grad_batches: int = 1
     gpu: bool = False
     name: str = "network"
 
@@ -69,11 +72,13 @@ class StrategySpec:
     buckets: bool = False  # DDP's gradient buckets: one more copy of the gradients, held for the whole run
     reshard: bool = True  # FSDP: free gathered parameters after each block's forward (ZeRO-3)
     hybrid: bool = False  # FSDP: shard within a node, replicate across nodes
+    sync_every_micro_batch: bool = False  # FSDP, accumulating: gradients reduced and sharded after each micro-batch
 
     @property
     def memory(self) -> tuple[bool, ...]:
         """What decides the memory: strategies with equal ``memory`` hold the same bytes."""
-        return (self.shard, self.checkpoint, self.offload, self.buckets, self.reshard, self.hybrid)
+        fields = (self.shard, self.checkpoint, self.offload, self.buckets, self.reshard, self.hybrid)
+        return (*fields, self.sync_every_micro_batch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,12 +121,20 @@ def step_memory(job: Job, strategy: StrategySpec, batch_size: int, fake: bool = 
             step.track_inputs((images, targets))
         else:
             step.track_external(images, targets)
+        # Accumulating under FSDP without a reduce-scatter per micro-batch: the step's last micro-batch starts with
+        # the whole gradients of the one before, which the tracker must see made
+        accumulating = strategy.shard and job.accumulate_grad_batches > 1 and not strategy.sync_every_micro_batch
         with step:
-            with precision.forward_context():  # Lightning converts the batch, then runs training_step in this
-                loss = F.cross_entropy(module(precision.convert_input(images)), targets)
-            optimizer.zero_grad()  # Lightning zeroes the gradients after the forward, before the backward
-            loss.backward()
-        del loss
+            micro_batches = 2 if accumulating else 1
+            for micro_batch in range(micro_batches):
+                for unit in (m for m in module.modules() if isinstance(m, FSDPModule)):
+                    unit.set_requires_gradient_sync(micro_batch == micro_batches - 1, recurse=False)
+                with precision.forward_context():  # Lightning converts the batch, then runs training_step in this
+                    loss = F.cross_entropy(module(precision.convert_input(images)), targets)
+                if micro_batch == 0:
+                    optimizer.zero_grad()  # Lightning zeroes the gradients after the first forward, before its backward
+                loss.backward()
+                del loss
         update = _tracker(module, optimizer, strategy.shard)  # one that knows the new gradients
         with update:
             optimizer.step()
