@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from helpers import run
+from helpers import QUICK, run
+from helpers import train as train_here
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from imgcls.backbones.factory import create_backbone
@@ -191,20 +192,9 @@ def test_hybrid_sharding_shards_within_groups_and_matches_ddp(runs: dict[str, Pa
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_bf16_mixed_gathers_in_16_bits_and_reduces_in_fp32(tmp_path: Path) -> None:
-    # A ViT has no BatchNorm: every unit is gathered in bf16 (test_strategies.py: BatchNorm's units stay fp32).
-    flags = ["--trainer.strategy=fsdp", "--trainer.precision=bf16-mixed", "--trainer.limit_train_batches=2"]
-    workdir = train(tmp_path / "bf16", *flags, devices=2)
-    counts = report(workdir)["collectives"]
-    assert {name.split()[1] for name in counts if name.startswith("all_gather")} == {"bfloat16"}
-    assert {name.split()[1] for name in counts if name.startswith("reduce_scatter")} == {"float32"}
-    assert report(workdir)["weights"] == pytest.approx(report(workdir, 1)["weights"], abs=0)
-
-
-@pytest.mark.slow
-@pytest.mark.distributed
 def test_16_mixed_skips_a_step_on_every_process_when_one_process_overflows(tmp_path: Path) -> None:
-    # fp16 autocast on CPU processes: on a CPU Lightning turns the 16-mixed flag into bf16-mixed, but not its plugin
+    # fp16 autocast on CPU processes: on a CPU Lightning turns the 16-mixed flag into bf16-mixed, but not its plugin.
+    # A ViT has no BatchNorm: every unit is gathered in fp16 (test_strategies.py: BatchNorm's units stay fp32).
     plugin = {
         "class_path": "lightning.pytorch.plugins.precision.MixedPrecision",
         "init_args": {"precision": "16-mixed", "device": "cpu"},
@@ -218,6 +208,18 @@ def test_16_mixed_skips_a_step_on_every_process_when_one_process_overflows(tmp_p
     counts = report(workdir)["collectives"]
     assert {name.split()[1] for name in counts if name.startswith("all_gather")} == {"float16"}
     assert {name.split()[1] for name in counts if name.startswith("reduce_scatter")} == {"float32"}
+
+
+def test_cpu_offload_on_a_cpu_warns_and_trains_without_it(in_tmp: Path) -> None:
+    try:
+        with pytest.warns(UserWarning, match="cpu_offload: the model is on the CPU already"):
+            flags = ["--trainer.strategy=fsdp_cpu_offload_checkpointing", "--trainer.accelerator=cpu"]
+            cli = train_here([*QUICK, *flags, "--data.batch_size=8"])
+    finally:  # one process: its process group is left to the next in-process run unless ended here
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    strategy = cli.trainer.strategy
+    assert strategy.checkpoint_blocks and strategy.cpu_offload and "test/acc" in cli.trainer.callback_metrics
 
 
 @pytest.mark.parametrize(
