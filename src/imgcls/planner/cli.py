@@ -132,7 +132,7 @@ def format_plan(plan: Plan) -> str:
     if any(e.strategy.offload for e in rows):
         host = _size(max(e.host for e in rows))
         lines.append(f"  CPU offload keeps {host} of parameters, gradients and optimizer states per process in RAM")
-    whole_grads = [e for e in rows if e.strategy.shard and not e.strategy.sync_every_micro_batch]
+    whole_grads = any(e.strategy.shard and not e.strategy.sync_every_micro_batch for e in rows)
     if job.accumulate_grad_batches > 1 and whole_grads:
         lines.append(
             f"  accumulating {job.accumulate_grad_batches} micro-batches: fsdp holds whole gradients between them "

@@ -77,8 +77,10 @@ class StrategySpec:
     @property
     def memory(self) -> tuple[bool, ...]:
         """What decides the memory: strategies with equal ``memory`` hold the same bytes."""
-        fields = (self.shard, self.checkpoint, self.offload, self.buckets, self.reshard, self.hybrid)
-        return (*fields, self.sync_every_micro_batch)
+        return (
+            self.shard, self.checkpoint, self.offload, self.buckets, self.reshard, self.hybrid,
+            self.sync_every_micro_batch,
+        )  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
