@@ -59,6 +59,7 @@ def test_soft_targets_train_and_validation_keeps_hard_labels(in_tmp: Path) -> No
     )
     model = ImageClassifier(num_classes=data.num_classes, class_names=data.class_names, preprocess=data.preprocess)
     shapes = TargetShapes()
+    # A bare Trainer: only the batches' target shapes matter here; train.py's defaults, bar included, run elsewhere
     trainer = L.Trainer(
         max_epochs=1, limit_train_batches=3, limit_val_batches=2, callbacks=[shapes], logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

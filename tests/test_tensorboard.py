@@ -166,6 +166,7 @@ def test_histograms_without_tensorboard_are_a_one_line_error(in_tmp: Path) -> No
 def test_model_summary_counts_frozen_parameters_and_sizes_them_at_the_chosen_precision(tmp_path: Path) -> None:
     model = Tiny(hidden=100_000)
     model.net[0].requires_grad_(False)
+    # A bare Trainer around the one callback under test; train.py's defaults, bar included, run elsewhere
     trainer = L.Trainer(
         accelerator="cpu", precision="bf16-true", max_steps=1, logger=TensorBoardLogger(tmp_path, name="", version=""),
         callbacks=[ParameterSummary()], enable_checkpointing=False, enable_progress_bar=False,
