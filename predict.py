@@ -51,9 +51,14 @@ def main(argv: list[str] | None = None) -> None:
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA GPU is visible here; use --device cpu")
-        predictor = Predictor(args.checkpoint or latest_checkpoint(), device=device)
+        checkpoint = args.checkpoint or latest_checkpoint()
+        predictor = Predictor(checkpoint, device=device)
     except UserError as error:
         exit_with(error)
+    if args.checkpoint is None:  # picked here: say which, since the newest run may not be the one meant
+        classes = predictor.class_names
+        shown = ", ".join(classes[:10]) + (f", ... ({len(classes)} in all)" if len(classes) > 10 else "")
+        print(f"checkpoint: {checkpoint} (classes: {shown}); choose another with --checkpoint", file=sys.stderr)
 
     names = [str(path) for path in paths]
     topk = min(args.topk, len(predictor.class_names))

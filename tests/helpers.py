@@ -40,6 +40,17 @@ def train(args: list[str], **kwargs: Any) -> Any:
     return main(args, config=DEFAULT_CONFIG, **kwargs)
 
 
+def exit_message(args: list[str], **kwargs: Any) -> str:
+    """The one line train.py (in this process) exits with."""
+    import pytest
+
+    with pytest.raises(SystemExit) as stopped:
+        train(args, **kwargs)
+    message = str(stopped.value.code)
+    assert "\n" not in message
+    return message
+
+
 class Hung(AssertionError):
     """A process tree outlived its deadline; the message holds every process's stack."""
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import QUICK, train
+from helpers import QUICK, exit_message, train
 from PIL import Image
 
 from imgcls.data.checks import BadBatch, BadImage, collate
@@ -45,15 +45,6 @@ def two_pixels(mode: str, first: tuple[int, ...], second: tuple[int, ...]) -> Im
     image = Image.new(mode, (2, 1), first)
     image.putpixel((1, 0), second)
     return image
-
-
-def exit_message(args: list[str]) -> str:
-    """The one line train.py exits with."""
-    with pytest.raises(SystemExit) as stopped:
-        train(args)
-    message = str(stopped.value.code)
-    assert "\n" not in message
-    return message
 
 
 def test_unreadable_images_are_listed_with_their_paths_and_the_fix(in_tmp: Path) -> None:

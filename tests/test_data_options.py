@@ -7,11 +7,12 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from helpers import QUICK, train
+from helpers import QUICK, exit_message, train
 from PIL import Image
 from torchvision.datasets import MNIST
 
 from imgcls.data.datamodule import ImageFolderDataModule
+from imgcls.data.digits import write_digits
 from imgcls.data.transforms import build_batch_mix, build_transforms
 from imgcls.model import ImageClassifier
 
@@ -123,3 +124,35 @@ def test_dataset_mistakes_get_one_line_errors(in_tmp: Path, dataset: str, messag
         train([*QUICK, f"--data.dataset={dataset}", "--data.root=empty"])
     assert message in str(error.value.code) and "\n" not in str(error.value.code)
     assert not any((in_tmp / "empty").iterdir())
+
+
+def own_images(root: Path, per_class: int) -> Path:
+    """A user's folder of real images: the first ``per_class`` digits of 0 and of 1, in folders ``zero`` and ``one``."""
+    digits = write_digits(root.parent / "digits")
+    for name, digit in (("zero", 0), ("one", 1)):
+        (root / name).mkdir(parents=True)
+        for path in sorted((digits / "train" / str(digit)).iterdir())[:per_class]:
+            (root / name / path.name).write_bytes(path.read_bytes())
+    return root
+
+
+def test_own_images_get_imagenet_preprocessing_and_a_batch_that_fits_them(in_tmp: Path) -> None:
+    own_images(in_tmp / "mine", per_class=70)  # 140 images: 126 to train, 14 to validate
+    one_step = ["--trainer.fast_dev_run=1", "--trainer.enable_progress_bar=false", "--data.num_workers=0"]
+    mine = train([*one_step, "--data.root=mine"]).datamodule
+    assert (mine.preprocess["crop_size"], mine.preprocess["resize_size"], mine.augment) == (224, 256, "basic")
+    assert mine.batch_size == 8 and len(mine.train_dataloader()) == 15  # 64 would give one step an epoch
+    demo = train(one_step).datamodule  # the embedded digits keep their own small settings
+    assert (demo.preprocess["crop_size"], demo.preprocess["resize_size"], demo.augment) == (32, 32, "none")
+    assert demo.batch_size == 64
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--data.crop_size=224", "--data.resize_size=32"], "--data.resize_size 32 is smaller than --data.crop_size"),
+        (["--data.crop_size=0"], "--data.crop_size 0: give a size in pixels of 1 or more"),
+    ],
+)
+def test_sizes_that_would_pad_or_vanish_are_refused(in_tmp: Path, flags: list[str], message: str) -> None:
+    assert message in exit_message([*QUICK, *flags])

@@ -23,6 +23,9 @@ def test_predict_names_the_right_class_of_held_out_images(trained: Path) -> None
     images = held_out_images(trained)
     result = run("predict.py", *(str(p) for p, _ in images), "--json", "--topk", "3", cwd=trained.parents[1])
     assert result.returncode == 0, result.stderr
+    picked = f"logs/{trained.name}/checkpoints/best.ckpt"  # the newest run's best, found under ./logs
+    classes = ", ".join(map(str, range(10)))
+    assert result.stderr == f"checkpoint: {picked} (classes: {classes}); choose another with --checkpoint\n"
     answers = [json.loads(line) for line in result.stdout.splitlines()]
     assert [a["image"] for a in answers] == [str(p) for p, _ in images]
     assert all(len(a["predictions"]) == 3 for a in answers)
@@ -34,7 +37,7 @@ def test_predict_table_output_and_explicit_checkpoint(trained: Path, tmp_path: P
     image, label = held_out_images(trained, per_class=1)[4]
     ckpt = trained / "checkpoints" / "last.ckpt"
     result = run("predict.py", str(image), "--checkpoint", str(ckpt), "--topk", "2", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0 and result.stderr == "", result.stderr
     header, row = result.stdout.splitlines()
     assert header.split() == ["image", "top-1", "top-2"]
     assert row.split()[:2] == [str(image), label] and row.split()[2].endswith("%")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import QUICK, finish, run, script, shell_env, start, train
+from helpers import QUICK, exit_message, finish, run, script, shell_env, start, train
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -34,15 +34,6 @@ def one_thread() -> Iterator[None]:
     yield
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(deterministic)
-
-
-def exit_message(args: list[str], **kwargs) -> str:
-    """The one line train.py exits with."""
-    with pytest.raises(SystemExit) as stopped:
-        train(args, **kwargs)
-    message = str(stopped.value.code)
-    assert "\n" not in message
-    return message
 
 
 def every_checkpoint_loads(root: Path) -> dict[Path, dict]:
@@ -245,31 +236,36 @@ def test_killed_at_any_moment_the_run_resumes_and_finishes(in_tmp: Path) -> None
     written = every_checkpoint_loads(logs)[last(1)]["global_step"]  # the one before, whole
     assert written >= 4 and written % 2 == 0
 
-    # Mid-epoch, between writes: --ckpt_path last takes the newest last.ckpt of all runs.
+    # Mid-epoch, between writes: --ckpt_path last takes the newest last.ckpt of all runs, and goes on in its folder.
     process = start_killed(in_tmp, "--ckpt_path=last")
-    wait_for(process, lambda: last(2).exists())
+    before = last(1).stat().st_mtime_ns
+    wait_for(process, lambda: last(1).stat().st_mtime_ns != before)
     result = stop(process)
     assert "--ckpt_path last: resuming from logs/version_1/checkpoints/last.ckpt" in result.stderr
-    resumed_at, written = written, every_checkpoint_loads(logs)[last(2)]["global_step"]
+    resumed_at, written = written, every_checkpoint_loads(logs)[last(1)]["global_step"]
     assert written > resumed_at
 
     # SIGTERM, as a scheduler sends before preempting a job: the step in progress ends, then last.ckpt is written.
     process = start_killed(in_tmp, "--ckpt_path=last")
-    wait_for(process, lambda: last(3).exists())
+    before = last(1).stat().st_mtime_ns
+    wait_for(process, lambda: last(1).stat().st_mtime_ns != before)
     result = stop(process, signal.SIGTERM)
     assert result.returncode == 128 + signal.SIGTERM and "Traceback" not in result.stderr
     step = int(result.stderr.split("stopped by SIGTERM at step ")[1].split(";")[0])
     assert result.stderr.rstrip().endswith(f"stopped by SIGTERM at step {step}; resume with --ckpt_path last")
-    assert f"SIGTERM: saved logs/version_3/checkpoints/last.ckpt at step {step}" in result.stderr
-    assert every_checkpoint_loads(logs)[last(3)]["global_step"] == step > written
+    assert f"SIGTERM: saved logs/version_1/checkpoints/last.ckpt at step {step}" in result.stderr
+    assert every_checkpoint_loads(logs)[last(1)]["global_step"] == step > written
 
-    # And the last run finishes: five epochs of four steps in all, tested; every checkpoint on disk whole.
+    # And the last run finishes: five epochs of four steps in all, tested; every checkpoint on disk whole. Every
+    # resumed run wrote into the folder of the run it resumed, without Lightning's "dirpath has changed".
     (result,) = finish([start_killed(in_tmp, "--ckpt_path=auto")])
     stdout, stderr = result.stdout, result.stderr
     assert result.returncode == 0, stderr[-3000:]
-    assert "--ckpt_path auto: resuming from logs/version_3/checkpoints/last.ckpt" in stderr and "test/acc" in stdout
-    final = every_checkpoint_loads(logs)[last(4)]
+    assert "--ckpt_path auto: resuming from logs/version_1/checkpoints/last.ckpt" in stderr and "test/acc" in stdout
+    assert "dirpath has changed" not in stderr
+    final = every_checkpoint_loads(logs)[last(1)]
     assert (final["epoch"], final["global_step"]) == (4, 20)
+    assert sorted(path.name for path in logs.iterdir()) == ["version_0", "version_1"]
 
 
 def files_of(folder: Path) -> dict[str, tuple[int, int, int]]:
@@ -298,9 +294,8 @@ def test_killed_while_writing_shards_the_sharded_checkpoint_before_stays_whole(i
     result = run("train.py", *KILLED, *fsdp2, "--ckpt_path=last", cwd=in_tmp)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "--ckpt_path last: resuming from logs/version_0/checkpoints/last.ckpt" in result.stderr
-    final = every_checkpoint_loads(in_tmp / "logs" / "version_1")
-    assert final[in_tmp / "logs" / "version_1" / "checkpoints" / "last.ckpt"]["global_step"] == 20
-    assert not list((in_tmp / "logs" / "version_1").glob("**/.*.partial"))
+    assert every_checkpoint_loads(in_tmp / "logs" / "version_0")[last]["global_step"] == 20
+    assert not list(folder.glob(".*.partial"))
 
 
 @pytest.mark.slow
@@ -318,11 +313,13 @@ def test_last_ckpt_is_the_newest_epoch_when_validation_stops_improving(in_tmp: P
     stop(process)  # SIGKILL: no checkpoint of its own on the way out
     killed_at = epoch_of(last)
     assert killed_at >= 2 and epoch_of(last.with_name("best.ckpt")) == 0
+    events = set(last.parents[1].glob("events.out.tfevents.*"))
     resumed = run("train.py", *frozen, "--ckpt_path=last", cwd=in_tmp)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    epochs = [epoch for _, epoch in logged_scalars(str(in_tmp / "logs" / "version_1"))["epoch"]]
+    written = set(last.parents[1].glob("events.out.tfevents.*")) - events  # the resumed run's, in the same folder
+    epochs = [epoch for file in written for _, epoch in logged_scalars(str(file)).get("epoch", [])]
     assert min(epochs) == killed_at + 1  # on from the epoch after the newest, not from the best
-    assert epoch_of(in_tmp / "logs" / "version_1" / "checkpoints" / "last.ckpt") == 5
+    assert epoch_of(last) == 5
 
 
 class Touch:

@@ -2,9 +2,13 @@
 Multi-process parity, memory and checkpoints are in test_fsdp.py."""
 
 import copy
+import warnings
+from pathlib import Path
 
+import pytest
 import torch
 import torchvision
+from helpers import exit_message, train
 
 from imgcls.parallel.fsdp2 import recompute_blocks
 from imgcls.parallel.registry import register_strategies
@@ -82,3 +86,21 @@ def test_bf16_gathering_keeps_units_that_hold_batchnorm_in_fp32() -> None:
     finally:
         dist.destroy_process_group()
     assert seen == {"resnet block": torch.float32, "vit block": torch.bfloat16}
+
+
+def test_deepspeed_without_deepspeed_names_what_works_here(in_tmp) -> None:
+    message = exit_message(["--trainer.strategy=deepspeed_stage_3", "--trainer.fast_dev_run=1"])
+    assert message.startswith("error: --trainer.strategy deepspeed_stage_3: DeepSpeed is not installed")
+    assert "fsdp (ZeRO-3), fsdp_cpu_offload (ZeRO-Offload)" in message
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads the CPU's flags from Linux's /proc/cpuinfo")
+def test_bf16_warns_on_a_cpu_without_bf16_instructions_only(in_tmp) -> None:
+    flags = Path("/proc/cpuinfo").read_text().split()
+    native = "avx512_bf16" in flags or "amx_bf16" in flags  # what the CPU says, not what torch reports
+    tiny = ["--trainer.fast_dev_run=1", "--trainer.enable_progress_bar=false", "--data.batch_size=2"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train([*tiny, "--trainer.precision=bf16-mixed", "--data.num_workers=0"])
+    emulated = [w for w in caught if "this CPU has no bf16 instructions" in str(w.message)]
+    assert len(emulated) == (0 if native else 1)

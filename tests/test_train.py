@@ -69,7 +69,13 @@ def test_bf16_true_precision_trains(in_tmp: Path) -> None:
 
 def test_help_lists_the_flags_that_matter(tmp_path: Path) -> None:
     result = run("train.py", "--help", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    # Lightning's long lists (Trainer, ModelCheckpoint) are cut to their main flags; --help_all has every one.
+    assert len(result.stdout.splitlines()) < 450 and "--trainer.fast_dev_run" not in result.stdout
+    assert "--help_all lists" in result.stdout
+    every = run("train.py", "--help_all", cwd=tmp_path)
+    assert every.returncode == 0
+    assert "--trainer.fast_dev_run" in every.stdout and "--checkpoint.save_top_k" in every.stdout
     for flag in (
         "--config",
         "--print_config",
@@ -114,3 +120,21 @@ def test_user_mistakes_get_one_line_errors(tmp_path: Path, flag: str, message: s
     result = run("train.py", flag, *QUICK, cwd=tmp_path)
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_default_run_says_only_what_a_user_needs(tmp_path: Path) -> None:
+    # Four steps an epoch, fewer than log_every_n_steps: Lightning would warn that it logs too seldom.
+    short = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=4", "--trainer.limit_val_batches=2"]
+    result = run("train.py", *short, "--trainer.limit_test_batches=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    expected = (
+        "Seed set to 42",
+        "GPU available:",
+        "TPU available:",
+        "`Trainer.fit` stopped: `max_epochs=1` reached.",
+        "Restoring states from the checkpoint path at logs/version_0/checkpoints/best.ckpt",
+        "Loaded model weights from the checkpoint at logs/version_0/checkpoints/best.ckpt",
+    )
+    unexpected = [line for line in result.stderr.splitlines() if line and not line.startswith(expected)]
+    assert not unexpected  # no tips, no notes on Lightning's own choices, no warnings
+    assert "Tip:" not in result.stdout and "test/acc" in result.stdout

@@ -4,6 +4,7 @@
 and test, in a process tuned for training; user mistakes end as one line (``imgcls.errors.exit_with``).
 """
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -25,12 +26,13 @@ from imgcls.callbacks.preemption import EXIT_SIGTERM, Preemption
 from imgcls.callbacks.tensorboard import SaveConfigAndHparams
 from imgcls.checkpoints import BEST, LOGS
 from imgcls.compat.lightning import quiet_known_warnings
-from imgcls.data.datamodule import DEFAULT_CROP_SIZE, ImageFolderDataModule
+from imgcls.data.datamodule import DEFAULT_CROP_SIZE, ImageFolderDataModule, demo_defaults
 from imgcls.errors import UserError, exit_with
 from imgcls.model import MONITOR, ImageClassifier
 from imgcls.parallel.collectives import DEFAULT_TIMEOUT_S, apply_timeout, close, describe_failure, is_collective_failure
 from imgcls.parallel.fsdp2 import fp16_trainer_args
-from imgcls.parallel.registry import register_strategies
+from imgcls.parallel.registry import refuse_untested_strategy, register_strategies
+from imgcls.precision import warn_if_bf16_is_emulated
 from imgcls.resume import check_resumable, resolve_ckpt_path
 
 try:  # the memory planner is optional: delete src/imgcls/planner/ and --plan goes with it
@@ -99,7 +101,10 @@ def build_cli(args: list[str] | None, model_class: type[ImageClassifier], config
                 "init_args": {"save_dir": LOGS, "name": "", "default_hp_metric": False},  # hp_metric: at the end
             },
         },
-        parser_kwargs={"default_config_files": [str(config)] if config is not None else []},
+        parser_kwargs={
+            "default_config_files": [str(config)] if config is not None else [],
+            "description": "Train an image classifier, then test its best checkpoint. README.md: the main flags.",
+        },
         args=args,
     )
 
@@ -121,6 +126,14 @@ def fit_and_test(cli: "TrainCLI") -> None:
         print(f"config:      {log_dir / 'config.yaml'}")
         print(f"tensorboard: tensorboard --logdir {log_dir}")
     close(trainer.strategy)  # Lightning leaves the process groups open
+
+
+# What --help shows of Lightning's long flag lists (the Trainer's ~50, ModelCheckpoint's ~15); --help_all shows all.
+SHORT_HELP = {
+    "trainer": {"accelerator", "strategy", "devices", "num_nodes", "precision", "max_epochs", "max_steps",
+                "accumulate_grad_batches", "gradient_clip_val", "deterministic"},
+    "checkpoint": {"monitor", "mode", "every_n_train_steps", "dirpath"},
+}  # fmt: skip
 
 
 class TrainCLI(LightningCLI):
@@ -170,18 +183,28 @@ class TrainCLI(LightningCLI):
             parser.add_class_arguments(PlanOptions, "plan")  # --plan: the memory each strategy needs, no training
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        # A bare --plan turns planning on; its settings are --plan.device_memory and --plan.headroom.
         argv = sys.argv[1:] if args is None else args
+        if isinstance(argv, list) and "--help_all" in argv:
+            argv = ["--help" if arg == "--help_all" else arg for arg in argv]
+        elif isinstance(argv, list) and {"-h", "--help"} & set(argv):
+            parser.usage = "train.py [--config FILE] [--print_config] [--GROUP.FLAG VALUE ...]"
+            parser.epilog = "Lightning's Trainer and ModelCheckpoint take more flags: --help_all lists every one."
+            for action in parser._actions:
+                group, _, name = action.dest.partition(".")
+                if group in SHORT_HELP and name not in SHORT_HELP[group]:
+                    action.help = argparse.SUPPRESS
+        # A bare --plan turns planning on; its settings are --plan.device_memory and --plan.headroom.
         if PlanOptions is not None and isinstance(argv, list) and "--plan" in argv:
             self.config = parser.parse_args(["--plan.enabled=true" if arg == "--plan" else arg for arg in argv])
         else:
-            super().parse_arguments(parser, args)
+            self.config = parser.parse_args(argv)
 
     def before_instantiate_classes(self) -> None:
         # Written into the config, these are also what config.yaml records, and the checkpoint's hyperparameters.
         model, data = self.config.model, self.config.data
         weights = resolve_weights(model.backbone, model.pretrained)
-        for key, value in weights.preprocess().items():  # what the config leaves unset comes from the weights
+        # What the config leaves unset comes from the digits' settings for the digits, else from the weights.
+        for key, value in {**weights.preprocess(), **demo_defaults(data.root, data.dataset)}.items():
             if data[key] is None:
                 data[key] = value
         crop = data.crop_size or DEFAULT_CROP_SIZE  # a network that fixes its input size is built for it, or not
@@ -204,9 +227,11 @@ class TrainCLI(LightningCLI):
                 return None
             trainer.strategy = kwargs["strategy"] = auto_fit(self.plan)  # config.yaml records the choice
         kwargs.update(fp16_trainer_args({**self.config_init.trainer, **kwargs}))
+        refuse_untested_strategy(kwargs.get("strategy", self.config_init.trainer.get("strategy")))
         try:
             instance = super().instantiate_trainer(**kwargs)
         except ValueError as error:  # the Trainer refuses its settings (a GPU-only strategy on a CPU, ...)
             raise UserError(f"--trainer: {error}") from error
         apply_timeout(instance.strategy, self.config.collective_timeout)
+        warn_if_bf16_is_emulated(instance)
         return instance

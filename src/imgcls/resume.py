@@ -5,13 +5,16 @@ the new run's folder, where there is none yet); ``--ckpt_path auto`` does the sa
 afresh when there is not, so one command line serves a job that a cluster restarts.
 """
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from imgcls.checkpoints import LAST, ModelSpec, latest_checkpoint, read_metadata
+from imgcls.compat.lightning import continue_version
 from imgcls.errors import UserError
 
 
@@ -41,6 +44,15 @@ def resolve_ckpt_path(value: str | None, trainer: L.Trainer) -> str | None:
         rank_zero_info(f"--ckpt_path auto: no {LAST}.ckpt under {root}; starting a new run")
         return None
     rank_zero_info(f"--ckpt_path {value}: resuming from {found}")
+    run = found.parent.parent  # <save_dir>/<name>/version_N/checkpoints/last.ckpt
+    logger = trainer.logger
+    if (
+        isinstance(logger, TensorBoardLogger)
+        and run.parent == Path(logger.root_dir)
+        and run / "checkpoints" == found.parent
+    ):
+        continue_version(logger, run.name)  # one run, one folder: its curves go on where they stopped
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")  # its own
     return str(found)
 
 

@@ -1,5 +1,6 @@
 """The private parts of Lightning this project relies on, in one place: the first to check after an upgrade."""
 
+import logging
 import warnings
 from collections.abc import Callable, Iterable
 from datetime import timedelta
@@ -8,15 +9,36 @@ from typing import Any
 
 import lightning as L
 from lightning.fabric.connector import _convert_precision_to_unified_args
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy, Strategy
 from torch.distributed.device_mesh import DeviceMesh
 
+# Lines Lightning prints on every run that ask nothing of the user: advertisements, and notes on its own choices.
+NOISE = (
+    "💡 Tip:",  # install litlogger / litmodels
+    "Trainer already configured with model summary callbacks",  # imgcls.callbacks.summary.ParameterSummary is one
+    "Loading `train_dataloader` to estimate number of stepping batches.",
+)
+
 
 def quiet_known_warnings() -> None:
-    """Silence the deprecation warnings Lightning's own code raises with this torch (each run printed three)."""
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    """Silence the warnings and notes Lightning's own code gives on every run that need nothing of the user."""
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")  # with this torch
     # 16-mixed under FSDP2: the loss scaler's overflow flag is a 1-element tensor, replicated as it should be
     warnings.filterwarnings("ignore", message="Found a non-scalar tensor with numel=1 and ndim!=0")
+    # Steps count across epochs, so an epoch shorter than log_every_n_steps still logs every n steps.
+    warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_drop_noise)
+
+
+def _drop_noise(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(NOISE)
+
+
+def continue_version(logger: TensorBoardLogger, version: str) -> None:
+    """Make ``logger`` write into its existing run folder ``version`` (it picks a new one on first use otherwise)."""
+    logger._version = version
 
 
 def unified_precision(precision: Any) -> str | None:

@@ -14,6 +14,8 @@ PRIVATE = {
     "MemTracker": "torch.distributed._tools.mem_tracker",
     "FSDPMemTracker": "torch.distributed._tools.fsdp2_mem_tracker",
     "fake_tensor": "torch._subclasses",  # FakeTensorMode and the errors of networks it cannot run
+    "_is_avx512_bf16_supported": "torch.cpu",  # whether a CPU computes in bf16 natively
+    "_is_amx_tile_supported": "torch.cpu",
 }
 
 

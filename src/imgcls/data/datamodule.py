@@ -28,13 +28,31 @@ from imgcls.errors import UserError
 DIGITS_ROOT = Path("data/digits")
 IGNORE_INDEX = -100  # the label of padding: cross_entropy's default ignore_index, and the metrics' too
 DEFAULT_CROP_SIZE = 224
+# The embedded digits are 8x8 pixels: 32-pixel crops, no augmentation. Only for them: a --data.root gets the above.
+DIGITS_DEFAULTS = {"crop_size": 32, "resize_size": 32, "augment": "none"}
+MAX_BATCH_SIZE, MIN_BATCH_SIZE = 64, 8  # the range the default batch size is fitted in
+MIN_STEPS_PER_EPOCH = 16  # fewer, and a few hundred images get too few optimizer steps in a handful of epochs
+
+
+def fitted_batch_size(images: int, devices: int) -> int:
+    """The default batch per device: 64, halved down to 8 until an epoch has at least 16 steps on ``devices``."""
+    size = MAX_BATCH_SIZE
+    while size > MIN_BATCH_SIZE and images // (size * devices) < MIN_STEPS_PER_EPOCH:
+        size //= 2
+    return size
+
+
+def demo_defaults(root: str | None, dataset: str | None) -> dict[str, Any]:
+    """The settings unset options take for the embedded digits (no ``root``); ``{}`` for anyone's own data."""
+    return DIGITS_DEFAULTS if root is None and dataset is None else {}
 
 
 class ImageFolderDataModule(L.LightningDataModule):
     """Images in class folders: ``root/{train,val[,test]}/<class>/*`` or ``root/<class>/*``; or a torchvision dataset.
 
     Preprocessing left at ``None`` is filled in by the CLI from the backbone's pretrained weights; what is still
-    unset follows ImageNet's convention: a ``DEFAULT_CROP_SIZE`` crop, bilinear, ImageNet mean and std.
+    unset follows ImageNet's convention: a ``DEFAULT_CROP_SIZE`` crop, bilinear, ImageNet mean and std, ``basic``
+    augmentation. The embedded digits (no ``root``) take ``DIGITS_DEFAULTS`` instead.
 
     The datasets and loaders give uint8 images; ``on_after_batch_transfer`` normalises each batch on the device
     (``imgcls.data.transforms.normalize_batch``), which is faster than per image in the loader processes.
@@ -46,17 +64,19 @@ class ImageFolderDataModule(L.LightningDataModule):
         download: Let the torchvision dataset download itself into ``root`` when missing.
         val_fraction: Share of the training images held out for validation when ``root`` has no ``val``
             folder (a seeded split). Without a ``test`` folder, testing uses the validation images.
-        batch_size: Images per batch and per device.
+        batch_size: Images per batch and per device; ``None`` fits it to the data: 64, or less for small datasets
+            (halved down to 8 until an epoch has at least 16 steps).
         num_workers: Loader processes per device; ``None`` uses the CPUs this process may run on.
         pin_memory: Page-locked host memory for faster copies; ``None`` enables it when CUDA is present.
         persistent_workers: Keep loader processes alive between epochs.
         crop_size: Side of the square the model sees.
-        resize_size: Short side before the center crop in evaluation; ``None`` is ``crop_size * 8 / 7``.
+        resize_size: Short side before the center crop in evaluation, at least ``crop_size``; ``None`` is
+            ``crop_size * 8 / 7``.
         mean: Per-channel normalisation mean (RGB).
         std: Per-channel normalisation standard deviation (RGB).
         interpolation: Resize interpolation (``bilinear``, ``bicubic``, ``nearest``).
         augment: Training augmentation preset: ``none``, ``basic`` (random resized crop and flip), ``strong``
-            (``basic`` with TrivialAugment and random erasing).
+            (``basic`` with TrivialAugment and random erasing); ``None`` is ``basic`` (``none`` for the digits).
         mixup_alpha: MixUp's Beta(alpha, alpha) mixing strength for training batches; 0 disables it.
         cutmix_alpha: CutMix's strength for training batches; 0 disables it. With both, each batch gets one.
         mix_prob: Share of training batches that are mixed when MixUp or CutMix is enabled.
@@ -74,7 +94,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         dataset: str | None = None,
         download: bool = False,
         val_fraction: float = 0.1,
-        batch_size: int = 64,
+        batch_size: int | None = None,
         num_workers: int | None = None,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
@@ -83,7 +103,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         mean: tuple[float, float, float] | None = None,
         std: tuple[float, float, float] | None = None,
         interpolation: str | None = None,
-        augment: Augment = "basic",
+        augment: Augment | None = None,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
         mix_prob: float = 1.0,
@@ -113,10 +133,22 @@ class ImageFolderDataModule(L.LightningDataModule):
                     f"needs two or more, so put each class's images in a folder of its own under {self.train_dir}"
                 )
         self.num_classes = len(self.class_names)
-        crop_size = crop_size or DEFAULT_CROP_SIZE
+        for flag, size in (("crop_size", crop_size), ("resize_size", resize_size)):
+            if size is not None and size < 1:
+                raise UserError(f"--data.{flag} {size}: give a size in pixels of 1 or more, or leave it unset")
+        demo = demo_defaults(root, dataset)
+        crop_size = crop_size or demo.get("crop_size") or DEFAULT_CROP_SIZE
+        resize_size = resize_size or demo.get("resize_size") or round(crop_size * 8 / 7)
+        if resize_size < crop_size:  # the center crop would pad evaluation images with black borders
+            raise UserError(
+                f"--data.resize_size {resize_size} is smaller than --data.crop_size {crop_size}: evaluation would crop "
+                f"a padded image; set --data.resize_size to {crop_size} or more, or leave it unset ({crop_size} * 8/7)"
+            )
+        self.augment = augment or demo.get("augment") or "basic"
+        self.batch_size = batch_size  # None until setup fits it to the training images
         self.preprocess = {
             "crop_size": crop_size,
-            "resize_size": resize_size or round(crop_size * 8 / 7),
+            "resize_size": resize_size,
             "mean": list(mean or IMAGENET_MEAN),
             "std": list(std or IMAGENET_STD),
             "interpolation": interpolation or "bilinear",
@@ -129,7 +161,7 @@ class ImageFolderDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         if self.datasets:
             return
-        train_tf = build_transforms(train=True, augment=self.hparams.augment, normalize=False, **self.preprocess)
+        train_tf = build_transforms(train=True, augment=self.augment, normalize=False, **self.preprocess)
         eval_tf = build_transforms(train=False, normalize=False, **self.preprocess)
         if self.hparams.dataset is not None:  # torchvision datasets hand over images as stored: MNIST's are gray
             train_tf, eval_tf = v2.Compose([v2.RGB(), train_tf]), v2.Compose([v2.RGB(), eval_tf])
@@ -144,6 +176,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             train, val = _with_transform(train, train_tf), _with_transform(val, eval_tf)
         test = _with_transform(test, eval_tf) if test is not None else val
         self.datasets = {"train": train, "val": val, "test": test}
+        if self.batch_size is None:
+            self.batch_size = fitted_batch_size(len(train), self.trainer.world_size if self.trainer else 1)
 
     def _folders(self) -> dict[str, Dataset]:
         """The ImageFolder splits: ``train``, and ``val``/``test`` where ``root`` has them beside ``train``."""
@@ -195,7 +229,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             sampler = DistributedSampler(dataset, world, rank, shuffle=False)
         return DataLoader(
             dataset,
-            batch_size=self.hparams.batch_size,
+            batch_size=self.batch_size,
             sampler=sampler,
             drop_last=split == "train",
             num_workers=workers,

@@ -4,9 +4,13 @@
 instead of treating the whole network as one unit (Lightning's default, which gathers every parameter at once).
 """
 
+import importlib.util
+from typing import Any
+
 from lightning.pytorch.strategies import StrategyRegistry
 
 from imgcls.compat.lightning import release_fsdp1_names
+from imgcls.errors import UserError
 from imgcls.parallel.fsdp2 import FSDP2Strategy
 
 VARIANTS = {
@@ -25,3 +29,13 @@ def register_strategies() -> None:
         description = "FSDP2 (fully_shard), one unit per backbone block" + (f"; {extra}" if extra else "")
         StrategyRegistry.register(name, FSDP2Strategy, description, override=True, **options)
     release_fsdp1_names(VARIANTS)
+
+
+def refuse_untested_strategy(strategy: Any) -> None:
+    """Lightning's DeepSpeed strategies without DeepSpeed: name what covers the same ground here, not just pip."""
+    if isinstance(strategy, str) and strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        raise UserError(
+            f"--trainer.strategy {strategy}: DeepSpeed is not installed, and this template is not tested with it; "
+            "its sharding is here as fsdp (ZeRO-3), fsdp_cpu_offload (ZeRO-Offload) and fsdp_hybrid, on CPUs too "
+            "(README.md, Strategies); or pip install deepspeed for Lightning's DeepSpeedStrategy, untested here"
+        )
