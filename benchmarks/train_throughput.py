@@ -129,7 +129,7 @@ def take_turns(args: argparse.Namespace, root: Path) -> list[tuple[float, float]
     LOOP = HandWrittenLoop(args, root)
     flags = [
         f"--data.root={root}", f"--model.backbone={args.backbone}", f"--data.batch_size={args.batch_size}",
-        f"--data.crop_size={args.crop_size}", f"--data.resize_size={args.crop_size}",
+        f"--data.crop_size={args.crop_size}", f"--data.resize_size={args.crop_size}", "--data.augment=none",
         f"--data.num_workers={args.workers}",
         f"--trainer.precision={args.precision}", f"--trainer.accelerator={args.accelerator}", "--trainer.devices=1",
         f"--trainer.max_epochs={args.epochs}", f"--trainer.limit_train_batches={args.batches}",

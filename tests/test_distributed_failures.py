@@ -61,7 +61,10 @@ def test_a_hang_ends_the_run_within_the_collective_timeout_with_one_line_per_ran
     assert any(line.startswith("error: rank 1: all_gather (called from ") and "model.py" in line for line in errors)
     assert all("within --collective_timeout 10 s" in line for line in errors), errors
     assert 10 <= took < 40, took
-    assert not left_in(tmp_path)
+    ended = time.monotonic()  # the other rank and the loader workers may take a moment more to exit; not longer
+    while left_in(tmp_path) and time.monotonic() - ended < 10:
+        time.sleep(0.1)
+    assert not left_in(tmp_path), "processes outlived the run by 10 s"
 
 
 def test_sigterm_ends_a_run_stuck_in_a_collective_at_once(tmp_path: Path) -> None:

@@ -203,8 +203,8 @@ class TrainCLI(LightningCLI):
         # Written into the config, these are also what config.yaml records, and the checkpoint's hyperparameters.
         model, data = self.config.model, self.config.data
         weights = resolve_weights(model.backbone, model.pretrained)
-        # What the config leaves unset comes from the digits' settings for the digits, else from the weights.
-        for key, value in {**weights.preprocess(), **demo_defaults(data.root, data.dataset)}.items():
+        # What the config leaves unset comes from the weights, then, for the embedded digits, from their settings.
+        for key, value in {**demo_defaults(data.root, data.dataset), **weights.preprocess()}.items():
             if data[key] is None:
                 data[key] = value
         crop = data.crop_size or DEFAULT_CROP_SIZE  # a network that fixes its input size is built for it, or not

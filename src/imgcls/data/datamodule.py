@@ -28,8 +28,9 @@ from imgcls.errors import UserError
 DIGITS_ROOT = Path("data/digits")
 IGNORE_INDEX = -100  # the label of padding: cross_entropy's default ignore_index, and the metrics' too
 DEFAULT_CROP_SIZE = 224
-# The embedded digits are 8x8 pixels: 32-pixel crops, no augmentation. Only for them: a --data.root gets the above.
-DIGITS_DEFAULTS = {"crop_size": 32, "resize_size": 32, "augment": "none"}
+# The embedded digits are 8x8 pixels: 32-pixel crops of the whole digit, no augmentation. Only for them: a
+# --data.root gets the above.
+DIGITS_DEFAULTS = {"crop_size": 32, "augment": "none"}
 MAX_BATCH_SIZE, MIN_BATCH_SIZE = 64, 8  # the range the default batch size is fitted in
 MIN_STEPS_PER_EPOCH = 16  # fewer, and a few hundred images get too few optimizer steps in a handful of epochs
 
@@ -52,7 +53,7 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     Preprocessing left at ``None`` is filled in by the CLI from the backbone's pretrained weights; what is still
     unset follows ImageNet's convention: a ``DEFAULT_CROP_SIZE`` crop, bilinear, ImageNet mean and std, ``basic``
-    augmentation. The embedded digits (no ``root``) take ``DIGITS_DEFAULTS`` instead.
+    augmentation. The embedded digits (no ``root``) take ``DIGITS_DEFAULTS`` instead, resized to the crop.
 
     The datasets and loaders give uint8 images; ``on_after_batch_transfer`` normalises each batch on the device
     (``imgcls.data.transforms.normalize_batch``), which is faster than per image in the loader processes.
@@ -71,7 +72,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         persistent_workers: Keep loader processes alive between epochs.
         crop_size: Side of the square the model sees.
         resize_size: Short side before the center crop in evaluation, at least ``crop_size``; ``None`` is
-            ``crop_size * 8 / 7``.
+            ``crop_size * 8 / 7`` (``crop_size`` for the digits).
         mean: Per-channel normalisation mean (RGB).
         std: Per-channel normalisation standard deviation (RGB).
         interpolation: Resize interpolation (``bilinear``, ``bicubic``, ``nearest``).
@@ -138,7 +139,7 @@ class ImageFolderDataModule(L.LightningDataModule):
                 raise UserError(f"--data.{flag} {size}: give a size in pixels of 1 or more, or leave it unset")
         demo = demo_defaults(root, dataset)
         crop_size = crop_size or demo.get("crop_size") or DEFAULT_CROP_SIZE
-        resize_size = resize_size or demo.get("resize_size") or round(crop_size * 8 / 7)
+        resize_size = resize_size or (crop_size if demo else round(crop_size * 8 / 7))  # digits fill their frame
         if resize_size < crop_size:  # the center crop would pad evaluation images with black borders
             raise UserError(
                 f"--data.resize_size {resize_size} is smaller than --data.crop_size {crop_size}: evaluation would crop "
@@ -146,6 +147,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             )
         self.augment = augment or demo.get("augment") or "basic"
         self.batch_size = batch_size  # None until setup fits it to the training images
+        self.largest_batch_size = batch_size or MAX_BATCH_SIZE  # what setup may pick: the planner plans for it
         self.preprocess = {
             "crop_size": crop_size,
             "resize_size": resize_size,

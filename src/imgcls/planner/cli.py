@@ -14,7 +14,6 @@ from jsonargparse import Namespace
 from lightning.pytorch.utilities import rank_zero_only
 
 from imgcls.compat.lightning import unified_precision
-from imgcls.data.datamodule import MAX_BATCH_SIZE
 from imgcls.errors import UserError
 from imgcls.planner.options import AUTO_FIT, PlanOptions, parse_size
 from imgcls.planner.plan import Plan, make_plan
@@ -49,7 +48,7 @@ def plan_run(model: L.LightningModule, data: L.LightningDataModule, trainer: Nam
     job = Job(
         build=build,
         optimizer=model.optimizer,
-        batch_size=data.batch_size or MAX_BATCH_SIZE,  # unset: the most the data-fitted default takes
+        batch_size=data.largest_batch_size,
         image_size=data.preprocess["crop_size"],
         precision=precision,
         world_size=world,
