@@ -109,6 +109,9 @@ def test_every_image_mode_opens_as_the_rgb_a_viewer_shows(tmp_path: Path) -> Non
         "gray32.tif": (Image.fromarray(np.array([[257 * 40, 65535]], dtype=np.int32)), [(40,) * 3, white]),
         "cmyk.jpg": (Image.new("RGB", (2, 1), red).convert("CMYK"), [red, red]),  # JPEG: Adobe's inverted CMYK
         "cmyk.tif": (Image.new("RGB", (2, 1), (0, 0, 255)).convert("CMYK"), [(0, 0, 255)] * 2),
+        # 32-bit floats: 0 to 1 by convention; a file whose values pass 1 stores them on the 0-255 scale
+        "float01.tif": (Image.fromarray(np.array([[0.5, 1.0]], dtype=np.float32)), [(128,) * 3, white]),
+        "float255.tif": (Image.fromarray(np.array([[40.0, 255.0]], dtype=np.float32)), [(40,) * 3, white]),
     }
     for name, (image, _) in cases.items():
         if name == "palette.png":
@@ -118,7 +121,7 @@ def test_every_image_mode_opens_as_the_rgb_a_viewer_shows(tmp_path: Path) -> Non
     modes = {name: Image.open(tmp_path / name).mode for name in cases}
     assert modes == {"gray.png": "L", "bilevel.png": "1", "rgba.png": "RGBA", "gray_alpha.png": "LA",
                      "palette.png": "P", "gray16.png": "I;16", "gray32.tif": "I", "cmyk.jpg": "CMYK",
-                     "cmyk.tif": "CMYK"}  # fmt: skip
+                     "cmyk.tif": "CMYK", "float01.tif": "F", "float255.tif": "F"}  # fmt: skip
     for name, (_, expected) in cases.items():
         opened = open_image(tmp_path / name)
         assert opened.mode == "RGB", name

@@ -194,3 +194,17 @@ def test_unsafe_and_broken_checkpoints_are_refused(tmp_path: Path) -> None:
     assert not marker.exists()
     junk = run("predict.py", "x.png", "--checkpoint", "junk.ckpt", cwd=tmp_path)
     assert junk.returncode != 0 and "not a readable PyTorch checkpoint" in junk.stderr
+
+
+def test_a_gif_is_read_by_name_and_a_folder_or_glob_of_them_says_why_it_is_not(trained: Path, tmp_path: Path) -> None:
+    digit, label = held_out_images(trained, per_class=1)[3]
+    gif = tmp_path / "gifs" / "digit.gif"
+    gif.parent.mkdir()
+    Image.open(digit).save(gif)
+    checkpoint = ["--checkpoint", str(trained / "checkpoints" / "best.ckpt")]
+    named = run("predict.py", str(gif), *checkpoint, cwd=tmp_path)
+    assert named.returncode == 0 and named.stdout.splitlines()[1].split()[:2] == [str(gif), label], named.stderr
+    for name in ("gifs", "gifs/*.gif"):  # training's ImageFolder does not read GIFs, nor do these scans
+        scanned = run("predict.py", name, *checkpoint, cwd=tmp_path)
+        assert scanned.returncode == 1 and scanned.stderr.startswith(f"error: {name}: "), scanned.stderr
+        assert scanned.stderr.endswith("; 1 other files are not read (.gif): name one to classify it anyway\n")

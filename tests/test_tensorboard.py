@@ -87,6 +87,35 @@ def test_default_run_draws_a_confusion_matrix_and_samples_each_validation_epoch(
         assert high - low > 100, f"{tag} is blank"
 
 
+def test_sample_predictions_show_every_class_when_the_data_comes_class_by_class(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.tensorboard import SummaryWriter
+
+    from imgcls.callbacks.figures import PredictionFigures
+    from imgcls.model import ImageClassifier
+
+    titles = {}
+    draw = SummaryWriter.add_figure
+
+    def recorded(writer: SummaryWriter, tag: str, figure, *args, **kwargs) -> None:
+        titles[tag] = [ax.get_title() for ax in figure.axes if ax.get_title()]
+        draw(writer, tag, figure, *args, **kwargs)
+
+    monkeypatch.setattr(SummaryWriter, "add_figure", recorded)  # the real drawing, with its titles noted
+    names = ["ant", "bee", "cat", "dog"]
+    images = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(4).repeat_interleave(16)  # sorted by class, as ImageFolder's evaluation order is
+    model = ImageClassifier("resnet18", num_classes=4, class_names=names, preprocess={})
+    trainer = L.Trainer(
+        logger=TensorBoardLogger(tmp_path), callbacks=[PredictionFigures(num_samples=8)], enable_progress_bar=False
+    )
+    trainer.test(model, DataLoader(TensorDataset(images, labels), batch_size=16), verbose=False)
+    true_classes = [title.split(" / ")[1] for title in titles["test/samples"]]
+    assert len(true_classes) == 8 and sorted(set(true_classes)) == names  # not 8 ants from the first batch
+
+
 def test_default_run_records_config_model_summary_and_hparams_with_final_metrics(trained: Path) -> None:
     events = read(trained)
     assert "backbone: resnet18" in text(events, "config")

@@ -1,5 +1,6 @@
 """What the model gets right and wrong, as TensorBoard images: a confusion matrix and labelled sample predictions."""
 
+import itertools
 import math
 from typing import Any
 
@@ -22,8 +23,9 @@ class PredictionFigures(Callback):
 
     - ``{stage}/confusion_matrix``: counts of true (rows) against predicted (columns) classes over every image of
       the stage, from torchmetrics, summed over all processes.
-    - ``{stage}/samples``: ``num_samples`` images labelled predicted/true, misclassified ones first (red), taken
-      from the first batches of the first process.
+    - ``{stage}/samples``: ``num_samples`` images labelled predicted/true, misclassified ones first (red), as many
+      of each true class as fit (evaluation data is ordered by class, so its first batches hold one class), from
+      the first process.
 
     Works with ``ImageClassifier``: reads ``num_classes``, ``class_names`` and ``preprocess`` (to undo the
     normalisation) from its hyperparameters, and the logits its ``validation_step``/``test_step`` return.
@@ -83,8 +85,7 @@ class PredictionFigures(Callback):
     def _start(self, pl_module: L.LightningModule) -> None:
         self._matrix = self._matrix.to(pl_module.device)
         self._matrix.reset()
-        self._wrong: list[Sample] = []
-        self._right: list[Sample] = []
+        self._kept: dict[int, tuple[list[Sample], list[Sample]]] = {}  # true class -> (misclassified, right)
 
     def _update(self, trainer: L.Trainer, logits: torch.Tensor, images: torch.Tensor, targets: torch.Tensor) -> None:
         real = targets != IGNORE_INDEX  # drop the padding that evenly split evaluation on several devices
@@ -95,13 +96,14 @@ class PredictionFigures(Callback):
             return
         predicted = logits.argmax(dim=1)
         wrong = predicted != targets
-        for mask, kept in ((wrong, self._wrong), (~wrong, self._right)):
-            room = self.num_samples - len(kept)
-            if room > 0:
-                chosen = mask.nonzero().flatten()[:room]
-                kept.extend(
-                    zip(images[chosen].float().cpu(), predicted[chosen].tolist(), targets[chosen].tolist(), strict=True)
-                )
+        per_class = math.ceil(self.num_samples / len(self._class_names))  # of each kind: a few images in memory
+        for true in targets.unique().tolist():
+            if true not in self._kept and len(self._kept) >= self.num_samples:
+                continue  # more classes than samples: the first num_samples classes seen
+            kept = self._kept.setdefault(true, ([], []))
+            for mask, samples in zip((wrong, ~wrong), kept, strict=True):
+                chosen = (mask & (targets == true)).nonzero().flatten()[: per_class - len(samples)]
+                samples.extend((images[i].float().cpu(), predicted[i].item(), true) for i in chosen.tolist())
 
     def _log(self, trainer: L.Trainer, stage: str) -> None:
         matrix = self._matrix.compute() if self.confusion_matrix else None  # collective: every process calls it
@@ -110,9 +112,17 @@ class PredictionFigures(Callback):
             return
         if matrix is not None:
             writer.add_figure(f"{stage}/confusion_matrix", self._confusion_figure(matrix), trainer.global_step)
-        samples = (self._wrong + self._right)[: self.num_samples]
+        samples = self._chosen()
         if samples:
             writer.add_figure(f"{stage}/samples", self._samples_figure(samples), trainer.global_step)
+
+    def _chosen(self) -> list[Sample]:
+        """Misclassified samples first, then right ones; within each, one of every class in turn."""
+        ordered = []
+        for kind in (0, 1):
+            by_class = [kept[kind] for _, kept in sorted(self._kept.items())]
+            ordered += [sample for turn in itertools.zip_longest(*by_class) for sample in turn if sample is not None]
+        return ordered[: self.num_samples]
 
     def _confusion_figure(self, matrix: torch.Tensor) -> Figure:
         n = len(self._class_names)

@@ -34,8 +34,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB: transparency over white, 16-bit integers scaled to 8 bits.
 
     Grayscale, palette and CMYK (Adobe's inverted JPEGs included) go through Pillow's own conversion. Integer
-    modes ``I;16*`` and ``I`` are read as 16-bit values, 0 to 65535 (what PNG and TIFF store in them).
+    modes ``I;16*`` and ``I`` are read as 16-bit values, 0 to 65535 (what PNG and TIFF store in them). Floats (``F``,
+    TIFF's 32-bit) are 0 to 1, as float pixels conventionally are, unless a value passes 1: then 0 to 255.
     """
+    if image.mode == "F":  # convert("L") clips at 255 and rounds: a 0-to-1 image would come out black
+        scale = 255 if image.getextrema()[1] <= 1 else 1
+        image = image.point(lambda value: value * scale).convert("L")
     if image.mode.startswith("I"):
         # Pillow's convert("RGB") clips these at 255, so anything above 1/256 of full scale turns white.
         image = image.convert("I").point(lambda value: value / 256).convert("L")

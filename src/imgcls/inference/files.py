@@ -21,27 +21,22 @@ def find_images(names: list[str]) -> list[Path]:
         if path.is_file():
             found.append(path)
         elif path.is_dir():
-            images = _images_in([path])
-            if not images:
-                raise UserError(f"{name}: no image files in this folder ({' '.join(IMG_EXTENSIONS)})")
-            found += images
+            found += _images_in([path], f"{name}: no image files in this folder")
         elif any(char in name for char in "*?["):  # a pattern the shell left alone, e.g. quoted "photos/**/*.jpg"
-            images = _images_in([Path(match) for match in sorted(glob.glob(os.path.expanduser(name), recursive=True))])
-            if not images:
-                raise UserError(f"{name}: matches no image files")
-            found += images
+            matches = [Path(match) for match in sorted(glob.glob(os.path.expanduser(name), recursive=True))]
+            found += _images_in(matches, f"{name}: matches no image files")
         else:
             raise UserError(f"{name}: no such file or folder")
     return found
 
 
-def _images_in(paths: list[Path]) -> list[Path]:
-    found = []
-    for path in paths:
-        candidates = sorted(path.rglob("*")) if path.is_dir() else [path]
-        found += [file for file in candidates if _is_image(file) and file.is_file()]
+def _images_in(paths: list[Path], none_found: str) -> list[Path]:
+    """The image files in ``paths`` (folders searched); ``UserError(none_found, ...)`` if there are none."""
+    files = [file for path in paths for file in (sorted(path.rglob("*")) if path.is_dir() else [path])]
+    files = [file for file in files if file.is_file() and not file.name.startswith(".")]
+    found = [file for file in files if file.suffix.lower() in IMG_EXTENSIONS]
+    if not found:
+        kinds = ", ".join(sorted({file.suffix.lower() or file.name for file in files}))
+        unread = f"; {len(files)} other files are not read ({kinds}): name one to classify it anyway" if files else ""
+        raise UserError(f"{none_found} ({' '.join(IMG_EXTENSIONS)}, as training reads){unread}")
     return found
-
-
-def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMG_EXTENSIONS and not path.name.startswith(".")
