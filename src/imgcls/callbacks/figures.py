@@ -102,6 +102,8 @@ class PredictionFigures(Callback):
                 continue  # more classes than samples: the first num_samples classes seen
             kept = self._kept.setdefault(true, ([], []))
             for mask, samples in zip((wrong, ~wrong), kept, strict=True):
+                if len(samples) >= per_class:
+                    continue  # full: most batches after the first few end here, without tensor work
                 chosen = (mask & (targets == true)).nonzero().flatten()[: per_class - len(samples)]
                 samples.extend((images[i].float().cpu(), predicted[i].item(), true) for i in chosen.tolist())
 

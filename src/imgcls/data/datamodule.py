@@ -147,7 +147,6 @@ class ImageFolderDataModule(L.LightningDataModule):
             )
         self.augment = augment or demo.get("augment") or "basic"
         self.batch_size = batch_size  # None until setup fits it to the training images
-        self.largest_batch_size = batch_size or MAX_BATCH_SIZE  # what setup may pick: the planner plans for it
         self.preprocess = {
             "crop_size": crop_size,
             "resize_size": resize_size,
@@ -159,6 +158,11 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise UserError(f"--data.std {self.preprocess['std']}: every channel's must be above 0")
         self.mix = build_batch_mix(self.num_classes, mixup_alpha, cutmix_alpha, mix_prob)
         self.datasets: dict[str, Dataset] = {}
+
+    @property
+    def largest_batch_size(self) -> int:
+        """The batch per device setup may pick: the one given, else the most the fitted default takes."""
+        return self.hparams.batch_size or MAX_BATCH_SIZE
 
     def setup(self, stage: str) -> None:
         if self.datasets:
