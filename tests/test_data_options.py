@@ -138,6 +138,7 @@ def own_images(root: Path, per_class: int) -> Path:
 
 def test_own_images_get_imagenet_preprocessing_and_a_batch_that_fits_them(in_tmp: Path) -> None:
     own_images(in_tmp / "mine", per_class=70)  # 140 images: 126 to train, 14 to validate
+    # One process, one step: the bar would add only output (test_train.py runs train.py with it, as users do).
     one_step = ["--trainer.fast_dev_run=1", "--trainer.enable_progress_bar=false", "--data.num_workers=0"]
     mine = train([*one_step, "--data.root=mine"]).datamodule
     assert (mine.preprocess["crop_size"], mine.preprocess["resize_size"], mine.augment) == (224, 256, "basic")
