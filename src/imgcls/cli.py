@@ -116,7 +116,10 @@ def fit_and_test(cli: "TrainCLI") -> None:
         torch.set_float32_matmul_precision(cli.config.float32_matmul_precision)
     ckpt_path = resolve_ckpt_path(cli.config.ckpt_path, trainer)
     if ckpt_path is not None:
-        check_resumable(ckpt_path, cli.model.hparams)
+        saved = check_resumable(ckpt_path, cli.model.hparams)
+        # Where the data left off. Lightning restores it too, but sharded strategies build the training loader
+        # before they restore (Lightning #20550): given now, it is there in time for every strategy.
+        cli.datamodule.load_state_dict(saved.get(type(cli.datamodule).__qualname__, {}))
     trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
     best = trainer.checkpoint_callback.best_model_path
     trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best or None, weights_only=True)

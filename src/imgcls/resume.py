@@ -56,13 +56,15 @@ def resolve_ckpt_path(value: str | None, trainer: L.Trainer) -> str | None:
     return str(found)
 
 
-def check_resumable(path: str, hparams: dict[str, Any]) -> None:
+def check_resumable(path: str, hparams: dict[str, Any]) -> dict[str, Any]:
     """Refuse a checkpoint that is missing, unreadable, unsafe, or of another network or other classes than
-    ``hparams`` (the model's), before Lightning loads it; each with a one-line ``UserError``."""
+    ``hparams`` (the model's), before Lightning loads it; each with a one-line ``UserError``. Return its metadata
+    (everything but the weights and optimizer states)."""
     try:
-        saved = read_metadata(path).get("hyper_parameters")
+        metadata = read_metadata(path)
     except UserError as error:
         raise UserError(f"--ckpt_path {error}") from error
+    saved = metadata.get("hyper_parameters")
     fresh = f"or start a new run from its weights with --model.pretrained {path}"
     if not isinstance(saved, dict) or "backbone" not in saved:
         raise UserError(f"--ckpt_path {path}: not a checkpoint of this project's ImageClassifier; {fresh}")
@@ -77,3 +79,4 @@ def check_resumable(path: str, hparams: dict[str, Any]) -> None:
             f"--ckpt_path {path}: trained on {theirs.classes}, but the data has {ours.classes}; resume with the same "
             f"classes, {fresh}"
         )
+    return metadata

@@ -2,19 +2,21 @@
 
 import copy
 import os
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, WeightedRandomSampler
+from lightning.pytorch.trainer.states import TrainerFn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.transforms import v2
 
 from imgcls.data.checks import CheckedImageFolder, CheckImages, OnBadImage, check_splits, collate, raise_if_bad
 from imgcls.data.digits import write_digits
 from imgcls.data.torchvision_datasets import open_torchvision_splits
+from imgcls.data.training_order import SeededSamples, TrainingOrder, derived_seed, seed_training_batch
 from imgcls.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -82,7 +84,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         cutmix_alpha: CutMix's strength for training batches; 0 disables it. With both, each batch gets one.
         mix_prob: Share of training batches that are mixed when MixUp or CutMix is enabled.
         balanced_sampling: Draw training images so every class is equally frequent (with replacement).
-        seed: Seed of the train/val split and of the training order.
+        seed: Seed of the train/val split and of the training order; the augmentation's depends on it and on
+            ``--seed_everything`` (``imgcls.data.training_order``).
         check_images: What setup reads of every image file in class folders: ``header`` (fast: finds empty,
             non-image and broken files and decompression bombs), ``full`` (decodes each: also finds truncated
             files; slow for large datasets) or ``none``. Files that fail later are caught while loading.
@@ -158,6 +161,10 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise UserError(f"--data.std {self.preprocess['std']}: every channel's must be above 0")
         self.mix = build_batch_mix(self.num_classes, mixup_alpha, cutmix_alpha, mix_prob)
         self.datasets: dict[str, Dataset] = {}
+        # seed_everything has seeded torch by now: --seed_everything changes the augmentation, as it did the loaders'
+        self.augment_seed = derived_seed(seed, torch.initial_seed())
+        self.resume_at: tuple[int, int] | None = None  # (epoch, samples of its global order) a checkpoint left off at
+        self.training_order: TrainingOrder | None = None  # once the training loader is built
 
     @property
     def largest_batch_size(self) -> int:
@@ -216,17 +223,19 @@ class ImageFolderDataModule(L.LightningDataModule):
         pin = self.hparams.pin_memory
         dataset = self.datasets[split]
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        if split == "train" and self.hparams.balanced_sampling:
-            # Seeded draws, the same on every rank, which the wrapper then deals out between the ranks.
-            labels = _labels(dataset)
-            weights = (1.0 / torch.bincount(labels, minlength=self.num_classes).clamp(min=1))[labels]
-            seeded = torch.Generator().manual_seed(self.hparams.seed)
-            draws = WeightedRandomSampler(weights.double(), len(labels), generator=seeded)
-            sampler = DistributedSamplerWrapper(draws, num_replicas=world, rank=rank, shuffle=False)
-        elif split == "train":
-            # A seeded DistributedSampler at every world size: the global batches are the same images in the
-            # same order on 1 device or on 8, so a run can move between machines and stay comparable.
-            sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=self.hparams.seed)
+        if split == "train":
+            # A seeded order at every world size: the global batches are the same images in the same order on 1 device
+            # or on 8, so a run can move between machines, resume anywhere (see TrainingOrder), and stay comparable.
+            weights = None
+            if self.hparams.balanced_sampling:  # seeded draws, with replacement, the same on every rank
+                labels = _labels(dataset)
+                weights = (1.0 / torch.bincount(labels, minlength=self.num_classes).clamp(min=1))[labels].double()
+            sampler = self.training_order = TrainingOrder(
+                dataset, world, rank, self.hparams.seed, self.augment_seed, weights
+            )
+            if self.resume_at is not None:
+                sampler.resume(*self.resume_at)
+            dataset = SeededSamples(dataset)
         else:
             # Lightning's default sampler pads evaluation by repeating images, which biases the metrics. Here the
             # padding is labelled IGNORE_INDEX, so loss and metrics skip it, and every rank still runs the same
@@ -249,11 +258,34 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, targets = batch
+        if self.trainer.training:  # the first random draw of each training step comes after this
+            batches = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready  # this one's index, resumed or not
+            seed_training_batch(self.augment_seed, batches, self.trainer.global_rank)
         images = normalize_batch(images, self.preprocess["mean"], self.preprocess["std"])  # uint8 until here
         if self.mix is not None and self.trainer.training:
             images, targets = self.mix(images, targets)  # labels (B,) become soft targets (B, num_classes)
         # Lightning casts batches to 16-true / bf16-true precision before this hook, when they were still uint8.
         return self.trainer.precision_plugin.convert_input(images), targets
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training is: the epoch and the samples of its global order done (the next epoch's start at its end)."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return {"augment_seed": self.augment_seed}
+        epoch, done = trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if done >= trainer.num_training_batches:  # saved at the epoch's end: the next one starts from its beginning
+            epoch, done = epoch + 1, 0
+        samples = done * self.batch_size * trainer.world_size
+        return {"augment_seed": self.augment_seed, "epoch": epoch, "samples": samples}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.training_order is not None:  # given once already (imgcls.cli), and the loader started from it
+            return
+        self.augment_seed = state.get("augment_seed", self.augment_seed)
+        if "epoch" in state:
+            self.resume_at = (state["epoch"], state["samples"])
+            # Lightning warns that a plain loader restarts a resumed epoch; this one goes on where it stopped.
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
