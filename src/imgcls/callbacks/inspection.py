@@ -210,7 +210,10 @@ class _Shards:
     def count(self, tensor: Tensor) -> int:
         if isinstance(tensor, DTensor):
             mesh = tensor.device_mesh
-            return math.prod(mesh.size(i) for i, placement in enumerate(tensor.placements) if placement.is_shard())
+            # every placement but Replicate and Partial splits: Shard, and the _StridedShard of FSDP2 over tensor
+            # parallelism (whose is_shard() is False)
+            splits = [i for i, p in enumerate(tensor.placements) if not (p.is_replicate() or p.is_partial())]
+            return math.prod(mesh.size(i) for i in splits)
         return 1
 
     def local(self, tensor: Tensor) -> tuple[Tensor, float]:
