@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from imgcls.errors import UserError
+from imgcls.parallel.tp_attention import join_state
 
 LOGS = "logs"  # where train.py writes its runs, and where predict.py and export.py look for the newest
 BEST = "best"  # the file name (without .ckpt) of the best checkpoint of a run
@@ -104,14 +105,16 @@ def _torch_load(path: Path, mmap: bool = False) -> Any:
 def consolidate(shards: str | Path, output: str | Path) -> Path:
     """Write a sharded checkpoint directory as one ``.ckpt`` file: full weights and metadata, no optimizer state.
 
-    The file loads anywhere a ``.ckpt`` does (``predict.py``, ``ImageClassifier.load_from_checkpoint``).
-    Resume training from the directory itself, at any world size.
+    The file loads anywhere a ``.ckpt`` does (``predict.py``, ``ImageClassifier.load_from_checkpoint``), with the
+    plain network's tensors (tensor parallelism's q, k and v joined). Resume training from the directory itself, at
+    any world size.
     """
     shards, output = Path(shards).expanduser(), Path(output).expanduser()
     if not shards.is_dir():
         raise UserError(f"{shards}: not a directory of checkpoint shards")
     checkpoint = _load_sharded(shards)
     checkpoint.pop("optimizer_states", None)
+    checkpoint["state_dict"] = join_state(checkpoint["state_dict"])  # tensor parallelism's q, k, v: the plain layout
     tmp = output.with_name(f".{output.name}.tmp")
     output.parent.mkdir(parents=True, exist_ok=True)
     torch.save(checkpoint, tmp)

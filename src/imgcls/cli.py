@@ -32,6 +32,7 @@ from imgcls.model import MONITOR, ImageClassifier
 from imgcls.parallel.collectives import DEFAULT_TIMEOUT_S, apply_timeout, close, describe_failure, is_collective_failure
 from imgcls.parallel.fsdp2 import fp16_trainer_args
 from imgcls.parallel.registry import refuse_untested_strategy, register_strategies
+from imgcls.parallel.tensor_parallel import refuse_unsplittable
 from imgcls.precision import warn_if_bf16_is_emulated
 from imgcls.resume import check_resumable, resolve_ckpt_path
 
@@ -230,7 +231,10 @@ class TrainCLI(LightningCLI):
                 return None
             trainer.strategy = kwargs["strategy"] = auto_fit(self.plan)  # config.yaml records the choice
         kwargs.update(fp16_trainer_args({**self.config_init.trainer, **kwargs}))
-        refuse_untested_strategy(kwargs.get("strategy", self.config_init.trainer.get("strategy")))
+        strategy = kwargs.get("strategy", self.config_init.trainer.get("strategy"))
+        refuse_untested_strategy(strategy)
+        hparams = self.model.hparams  # a tensor-parallel strategy and a backbone it cannot split: say so before launch
+        refuse_unsplittable(strategy, hparams.backbone, hparams.num_classes, self.model.backbone_kwargs)
         try:
             instance = super().instantiate_trainer(**kwargs)
         except ValueError as error:  # the Trainer refuses its settings (a GPU-only strategy on a CPU, ...)

@@ -1,11 +1,11 @@
 """train.py plus a per-rank report, for the multi-process tests: run it exactly like train.py.
 
 At the end of training each rank writes ``report_rank<R>.json`` in the working directory: the bytes of
-parameters, gradients and optimizer states it holds (local shards only), the sums of the full weights, the
-live model's top-1 class for every 27th test image, the count of FSDP's all-gathers and reduce-scatters by
-the dtype they carried (the real collectives run; they are only counted on the way), the number of graphs
-torch.compile made and of blocks still compiled, 16-mixed's loss scale, and the timeouts of FSDP's process
-groups. ``OverflowOnRank1`` makes one process's gradients overflow in the first step.
+parameters (in all and each one's), gradients and optimizer states it holds (local shards only), the sums of the
+full weights (in the plain network's layout), the live model's top-1 class for every 27th test image, the count of
+FSDP's all-gathers and reduce-scatters by the dtype they carried (the real collectives run; they are only counted on
+the way), the number of graphs torch.compile made and of blocks still compiled, 16-mixed's loss scale, and the
+timeouts of FSDP's process groups. ``OverflowOnRank1`` makes one process's gradients overflow in the first step.
 """
 
 import collections
@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor
 
 from imgcls.cli import main
 from imgcls.data.transforms import normalize_batch
+from imgcls.parallel.tp_attention import join_state
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"  # as train.py passes it
 
@@ -58,10 +59,12 @@ class Report(L.Callback):
         self.grads = _nbytes([p.grad for p in pl_module.parameters() if p.grad is not None])
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        params = list(pl_module.parameters())
+        named = dict(pl_module.named_parameters())
+        params = list(named.values())
         states = [v for s in trainer.optimizers[0].state.values() for v in s.values() if torch.is_tensor(v) and v.ndim]
-        # full_tensor() is a collective under FSDP2: every rank calls it, then each compares its own copy
-        full = [p.full_tensor() if isinstance(p, DTensor) else p for p in params]
+        # full_tensor() is a collective under FSDP2: every rank calls it, then each compares its own copy. Tensor
+        # parallelism's q, k and v are joined, so the weights compare with the plain network's
+        full = join_state({name: p.full_tensor() if isinstance(p, DTensor) else p for name, p in named.items()})
         test = trainer.datamodule.datasets["test"]
         pixels = torch.stack([test[i][0] for i in range(0, len(test), 27)])  # every 27th held-out image, uint8
         images = normalize_batch(pixels, trainer.datamodule.preprocess["mean"], trainer.datamodule.preprocess["std"])
@@ -78,7 +81,8 @@ class Report(L.Callback):
             "params": _nbytes(params),
             "grads": self.grads,
             "optimizer": _nbytes(states),
-            "weights": [t.detach().double().sum().item() for t in full],
+            "weights": [t.detach().double().sum().item() for t in full.values()],
+            "param_bytes": {name: _nbytes([p]) for name, p in named.items()},
             "collectives": dict(COLLECTIVES),
             "compiled_graphs": dynamo.counters["stats"]["unique_graphs"] if dynamo else 0,
             "compiled_blocks": len(pl_module.compiled_blocks),

@@ -9,6 +9,7 @@ from torch import nn
 
 from imgcls.checkpoints import load_checkpoint
 from imgcls.errors import UserError
+from imgcls.parallel.tp_attention import join_state
 
 # What wrappers put in front of tensor names: Lightning's strategy wrapper, torch.compile, DDP / DataParallel,
 # and the attribute a LightningModule keeps its network in (``net.`` is this project's ImageClassifier).
@@ -99,7 +100,7 @@ def load_partial(
         strict: Raise ``UserError`` if any tensor outside ``head`` is missing, unexpected or shaped differently.
         head: Module names of the new head, which is expected not to fit when the number of classes changes.
     """
-    theirs = strip_prefixes(state_dict, net, prefix)
+    theirs = join_state(strip_prefixes(state_dict, net, prefix))  # a tensor-parallel checkpoint's q, k, v joined
     ours = net.state_dict()
     report = LoadReport(source, len(ours))
     for name, tensor in ours.items():

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
+from imgcls.data.training_order import replicas
 from imgcls.parallel.reduced import log_reduced
 
 
@@ -29,7 +30,7 @@ class PerformanceMonitor(Callback):
 
     - ``perf/epoch_time_s``: wall time of the epoch, validation included (the slowest process).
     - ``perf/train_images_per_s``: training images over the time spent training, validation excluded, summed over
-      all processes.
+      all processes that read different images.
     - ``perf/cuda_peak_mib`` on a GPU: the most memory tensors held during the epoch (the largest process), from
       ``torch.cuda.max_memory_allocated``.
     - ``perf/rss_peak_mib`` on Linux and macOS CPUs: the peak resident set size of the training process since it
@@ -67,6 +68,7 @@ class PerformanceMonitor(Callback):
             torch.tensor([epoch_s, *peak.values()], device=pl_module.device), reduce_op="max"
         )
         total = trainer.strategy.reduce(torch.tensor(images_per_s, device=pl_module.device), reduce_op="sum")
+        total = total * replicas(trainer)[0] / trainer.world_size  # tensor-parallel processes share their images
         values = {"perf/epoch_time_s": slowest[0], "perf/train_images_per_s": total}
         log_reduced(pl_module, values | {name: slowest[1 + i] for i, name in enumerate(peak)})
 

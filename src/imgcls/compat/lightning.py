@@ -10,8 +10,11 @@ from typing import Any
 import lightning as L
 from lightning.fabric.connector import _convert_precision_to_unified_args
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import FSDPStrategy, Strategy
+from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
+from torch.optim import Optimizer
 
 # Lines Lightning prints on every run that ask nothing of the user: advertisements, and notes on its own choices.
 NOISE = (
@@ -84,6 +87,17 @@ def replace_sigterm_handler(trainer: L.Trainer, handler: Callable[[int, FrameTyp
 def stop_as_on_sigterm(trainer: L.Trainer) -> None:
     """Make the Trainer stop as it does after its own SIGTERM handler: ``SIGTERMException`` once this batch ends."""
     trainer._signal_connector.received_sigterm = True
+
+
+def replace_norm_clipping(plugin: Precision, clip: Callable[[Iterable[Tensor], float], Any]) -> None:
+    """Make ``plugin`` clip gradients by norm with ``clip(parameters, max_norm)`` instead of
+    ``torch.nn.utils.clip_grad_norm_``: ``Precision.clip_gradients`` calls its ``clip_grad_by_norm``, which this
+    replaces (after unscaling, under ``16-mixed``)."""
+
+    def clip_grad_by_norm(optimizer: Optimizer, clip_val: float) -> None:
+        clip(plugin.main_params(optimizer), clip_val)
+
+    plugin.clip_grad_by_norm = clip_grad_by_norm
 
 
 def release_fsdp1_names(names: Iterable[str]) -> None:

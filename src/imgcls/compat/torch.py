@@ -9,6 +9,7 @@ from typing import Any
 
 PRIVATE = {
     "checkpoint": "torch.distributed._composable",  # activation checkpointing of one module, in place
+    "compute_local_shape_and_global_offset": "torch.distributed.tensor._utils",  # a DTensor shard's block
     "_load_state_dict_from_keys": "torch.distributed.checkpoint.state_dict_loader",  # DCP in one process
     "FakeStore": "torch._C._distributed_c10d",  # a process group of fake ranks, for the planner
     "MemTracker": "torch.distributed._tools.mem_tracker",

@@ -16,7 +16,7 @@ from torchvision.transforms import v2
 from imgcls.data.checks import CheckedImageFolder, CheckImages, OnBadImage, check_splits, collate, raise_if_bad
 from imgcls.data.digits import write_digits
 from imgcls.data.torchvision_datasets import open_torchvision_splits
-from imgcls.data.training_order import SeededSamples, TrainingOrder, derived_seed, seed_training_batch
+from imgcls.data.training_order import SeededSamples, TrainingOrder, derived_seed, replicas, seed_training_batch
 from imgcls.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -190,7 +190,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         test = _with_transform(test, eval_tf) if test is not None else val
         self.datasets = {"train": train, "val": val, "test": test}
         if self.batch_size is None:
-            self.batch_size = fitted_batch_size(len(train), self.trainer.world_size if self.trainer else 1)
+            self.batch_size = fitted_batch_size(len(train), replicas(self.trainer)[0])
 
     def _folders(self) -> dict[str, Dataset]:
         """The ImageFolder splits: ``train``, and ``val``/``test`` where ``root`` has them beside ``train``."""
@@ -222,7 +222,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         workers = self._workers()
         pin = self.hparams.pin_memory
         dataset = self.datasets[split]
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        world, rank = replicas(self.trainer)  # tensor-parallel processes read the same batches
         if split == "train":
             # A seeded order at every world size: the global batches are the same images in the same order on 1 device
             # or on 8, so a run can move between machines, resume anywhere (see TrainingOrder), and stay comparable.
@@ -260,7 +260,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         images, targets = batch
         if self.trainer.training:  # the first random draw of each training step comes after this
             batches = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready  # this one's index, resumed or not
-            seed_training_batch(self.augment_seed, batches, self.trainer.global_rank)
+            seed_training_batch(self.augment_seed, batches, replicas(self.trainer)[1])
         images = normalize_batch(images, self.preprocess["mean"], self.preprocess["std"])  # uint8 until here
         if self.mix is not None and self.trainer.training:
             images, targets = self.mix(images, targets)  # labels (B,) become soft targets (B, num_classes)
@@ -275,7 +275,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         epoch, done = trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
         if done >= trainer.num_training_batches:  # saved at the epoch's end: the next one starts from its beginning
             epoch, done = epoch + 1, 0
-        samples = done * self.batch_size * trainer.world_size
+        samples = done * self.batch_size * replicas(trainer)[0]
         return {"augment_seed": self.augment_seed, "epoch": epoch, "samples": samples}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

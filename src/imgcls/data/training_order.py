@@ -11,6 +11,9 @@ Lightning drops a resumable loader's state once ``trainer.estimated_stepping_bat
 - ``seed_training_batch`` seeds each training batch's draws in the training process (MixUp/CutMix, dropout) from
   the batch's index and the rank.
 
+Ranks here are data-parallel ranks (``replicas``): the tensor-parallel processes that split one model read the same
+batches and draw the same numbers.
+
 A run stopped at any step and resumed then trains on the same images, augmented the same way, as one that went on.
 The per-sample seeds depend on the position in the global order, not on the rank, so the same global batch gets
 the same augmented images on 1 device or 8.
@@ -28,6 +31,15 @@ def derived_seed(*keys: int | str) -> int:
     """A 63-bit seed for ``keys``: unrelated keys give unrelated seeds (a hash, unlike ``seed + epoch``)."""
     digest = hashlib.blake2b(repr(keys).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def replicas(trainer: Any) -> tuple[int, int]:
+    """How many processes read different batches, and which of them this one is (Lightning's
+    ``Strategy.distributed_sampler_kwargs``): under tensor parallelism fewer than the processes."""
+    if trainer is None:
+        return 1, 0
+    kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
+    return kwargs.get("num_replicas", trainer.world_size), kwargs.get("rank", trainer.global_rank)
 
 
 def seed_training_batch(seed: int, batch_index: int, rank: int) -> None:

@@ -12,6 +12,7 @@ from imgcls.checkpoints import ModelSpec, load_checkpoint
 from imgcls.data.transforms import build_transforms
 from imgcls.errors import UserError
 from imgcls.inference.exported import is_bundle, read_bundle
+from imgcls.parallel.tp_attention import join_state
 
 Prediction = list[tuple[str, float]]  # (class name, probability), most likely first
 
@@ -25,7 +26,8 @@ def load_weights(source: str | Path) -> tuple[ModelSpec, dict[str, torch.Tensor]
     hparams, state = ckpt.get("hyper_parameters"), ckpt.get("state_dict")
     if not isinstance(hparams, dict) or not isinstance(state, dict):
         raise UserError(f"{source}: not a checkpoint of this project's ImageClassifier (no hyperparameters or weights)")
-    return ModelSpec.from_hparams(hparams, source), _submodule_state(state, "net")
+    # tensor parallelism's checkpoints hold q, k and v apart: joined, they are the plain network's
+    return ModelSpec.from_hparams(hparams, source), join_state(_submodule_state(state, "net"))
 
 
 def _submodule_state(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ is read only where this process's shards come from, and those pages are handed b
 """
 
 import dataclasses
+import functools
 import warnings
 import weakref
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.overrides import TorchFunctionMode
 
+from imgcls.compat.torch import compute_local_shape_and_global_offset
 from imgcls.parallel.file_pages import FilePages
 
 # In-place functions (``nn.init``'s, tensor methods) that overwrite every value they are given without reading any:
@@ -80,7 +82,7 @@ class Recipe(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.tensors: dict[int, _Tensor] = {}
-        self.by_name: dict[str, _Tensor] = {}
+        self.by_name: dict[str, _Tensor | _Derived] = {}
         self.scratch = _Scratch()
 
     def track(self, real: Tensor) -> Tensor:
@@ -117,11 +119,13 @@ class Recipe(TorchFunctionMode):
 
     def fill(self, name: str, local: Tensor, shard: Callable[[Tensor], Tensor], pages: FilePages) -> None:
         """Copy into ``local`` its part (``shard``) of the tensor called ``name``, as the build left it."""
-        entry = self.by_name[name]
+        entry, part = self.by_name[name], _whole
+        if isinstance(entry, _Derived):  # a part of a tensor the build made (q of a fused qkv, ...)
+            entry, part = entry.source, entry.part
         if len(entry.ops) == 1 and entry.ops[0].func.__name__ == "copy_" and entry.initial is None:
             source = entry.ops[0].args[0]  # copied whole (from a file): read only this process's part of it
             if source.shape == entry.meta.shape:
-                local.copy_(shard(source))
+                local.copy_(shard(part(source)))
                 pages.release(source)
                 return
         full = self.scratch.like(tuple(entry.meta.shape), entry.meta.stride(), entry.meta.dtype)
@@ -131,7 +135,36 @@ class Recipe(TorchFunctionMode):
             if op.generator is not None:
                 op.generator.set_state(op.state)
             op.func(full.as_strided(*op.view), *op.args, **op.kwargs)
-        local.copy_(shard(full))
+        local.copy_(shard(part(full)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Derived:
+    source: _Tensor
+    part: Callable[[Tensor], Tensor]  # the source's full tensor -> this one's full tensor (a view)
+
+
+def _whole(tensor: Tensor) -> Tensor:
+    return tensor
+
+
+def derive(net: nn.Module, parts: dict[str, tuple[str, Callable[[Tensor], Tensor]]]) -> bool:
+    """Tell ``materialize`` that tensors of ``net`` were made after ``build_deferred`` built it, from the build's
+    tensors: name -> (the build's tensor name, its full tensor -> this one's, a view). ``False`` if ``net`` was not
+    built deferred (its tensors are real: copy them yourself)."""
+    recipe = RECIPES.get(net)
+    if recipe is None:
+        return False
+    for name, (source, part) in parts.items():
+        entry = recipe.by_name[source]
+        if isinstance(entry, _Derived):
+            entry, part = entry.source, functools.partial(_compose, entry.part, part)
+        recipe.by_name[name] = _Derived(entry, part)
+    return True
+
+
+def _compose(first: Callable[[Tensor], Tensor], then: Callable[[Tensor], Tensor], tensor: Tensor) -> Tensor:
+    return then(first(tensor))
 
 
 def build_deferred(build: Callable[[], nn.Module]) -> nn.Module:
@@ -196,15 +229,13 @@ def _restore(register_parameter: Callable, register_buffer: Callable, trunc_norm
 
 
 def _shard(full: Tensor, tensor: Tensor) -> Tensor:
-    """This process's part of ``full``, split as the ``DTensor`` ``tensor`` is (``torch.chunk`` per mesh dimension)."""
+    """This process's part of ``full``, split as the ``DTensor`` ``tensor`` is: a block of it, as DTensor computes it
+    (FSDP2 over tensor-parallel shards included, whose placements interleave), read without communicating."""
     if not isinstance(tensor, DTensor):
         return full
-    mesh = tensor.device_mesh
-    for dim, placement in enumerate(tensor.placements):
-        if placement.is_shard():
-            chunks = torch.chunk(full, mesh.size(dim), dim=placement.dim)
-            index = mesh.get_local_rank(dim)
-            full = chunks[index] if index < len(chunks) else full.narrow(placement.dim, 0, 0)
+    shape, offset = compute_local_shape_and_global_offset(full.shape, tensor.device_mesh, tensor.placements)
+    for dim, (size, start) in enumerate(zip(shape, offset, strict=True)):
+        full = full.narrow(dim, start, size)
     return full
 
 

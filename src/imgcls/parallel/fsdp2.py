@@ -80,15 +80,7 @@ class FSDP2Strategy(ModelParallelStrategy):
                     f"--trainer.strategy.shard_group_size {self.shard_group_size}: give a divisor of the "
                     f"{self.world_size} processes, or node"
                 )
-            layout = torch.arange(self.world_size).view(-1, size)  # (replicas, shards): the sampler splits over all
-            # Groups made here, not by init_device_mesh, so that --collective_timeout reaches them (not 30 minutes)
-            groups = [
-                dist.new_subgroups_by_enumeration(ranks.tolist(), timeout=collective_timeout(self))[0]
-                for ranks in (layout.T, layout)
-            ]
-            self.shard_mesh = DeviceMesh.from_group(
-                groups, self.root_device.type, layout, mesh_dim_names=("replicate", "shard")
-            )
+            self.shard_mesh = grid_mesh(self, size, ("replicate", "shard"))  # the sampler splits over all
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         save = super().save_checkpoint
@@ -128,6 +120,20 @@ class FSDP2Strategy(ModelParallelStrategy):
         finally:
             for module in modules:
                 module.set_requires_gradient_sync(True, recurse=False)
+
+
+def grid_mesh(strategy: ModelParallelStrategy, size: int, names: tuple[str, str]) -> DeviceMesh:
+    """All processes as a 2-D mesh of rows of ``size`` consecutive ranks (one node's, where ranks are consecutive).
+
+    Its process groups are made here, not by ``init_device_mesh``, so that ``--collective_timeout`` reaches them (its
+    groups would wait 30 minutes).
+    """
+    layout = torch.arange(strategy.world_size).view(-1, size)  # (rows, ranks in a row)
+    groups = [
+        dist.new_subgroups_by_enumeration(ranks.tolist(), timeout=collective_timeout(strategy))[0]
+        for ranks in (layout.T, layout)
+    ]
+    return DeviceMesh.from_group(groups, strategy.root_device.type, layout, mesh_dim_names=names)
 
 
 def shard_blocks(

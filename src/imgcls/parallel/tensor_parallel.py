@@ -1,0 +1,211 @@
+"""Tensor parallelism x FSDP2 (2-D) for vision transformers: each block's attention and MLP split over the
+tensor-parallel processes, FSDP2 across the data-parallel ones.
+
+Inside each block (Megatron-LM's layout): q, k, v and the MLP's first Linear are split by columns (output features,
+so whole heads), the attention's output projection and the MLP's second Linear by rows (input features), so a
+block's forward makes two all-reduces of its activations and its backward two more. LayerNorms, the patch embedding
+and the head stay whole on every tensor-parallel process, which all read the same batches; FSDP2 shards every
+parameter over the data-parallel processes.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import StrategyRegistry
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, parallelize_module
+
+from imgcls.backbones.factory import create_backbone
+from imgcls.backbones.meta import build_on_meta
+from imgcls.compat.lightning import replace_norm_clipping
+from imgcls.errors import UserError
+from imgcls.parallel.blocks import block_classes
+from imgcls.parallel.deferred_init import derive
+from imgcls.parallel.fsdp2 import FSDP2Strategy, grid_mesh
+from imgcls.parallel.tp_attention import SPLIT_ATTENTION, part, split_attention, split_names, split_state
+
+SUPPORTED = "torchvision's vit_* and timm's ViTs (vit_*, deit_*: blocks of self-attention and a two-layer MLP)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """Where a block class keeps what tensor parallelism splits."""
+
+    attention: str  # the attention module's attribute
+    inputs: int  # positional arguments the block passes its attention (torchvision: query, key, value)
+    mlp: tuple[str, str]  # the MLP's first and second Linear
+    out: str  # the attention's output projection
+
+
+TIMM_BLOCK = Family("attn", 1, ("mlp.fc1", "mlp.fc2"), "proj")
+FAMILIES = {  # (module, class name) of a block -> its family
+    ("torchvision.models.vision_transformer", "EncoderBlock"): Family(
+        "self_attention", 3, ("mlp.0", "mlp.3"), "out_proj"
+    ),
+    ("timm.models.vision_transformer", "Block"): TIMM_BLOCK,
+    ("timm.models.vision_transformer", "ResPostBlock"): TIMM_BLOCK,
+}
+
+
+class TensorParallelStrategy(FSDP2Strategy):
+    """Tensor parallelism inside each ViT block over ``tensor_parallel_size`` processes, FSDP2 across the rest.
+
+    The processes form a (data parallel x tensor parallel) grid; each row of ``tensor_parallel_size`` consecutive
+    ranks (on one node, where the links are fastest) splits every block and reads the same batches. Checkpoints keep
+    the plain network's tensor names but for q, k and v (``imgcls.parallel.tp_attention``); ``predict.py``,
+    ``export.py``, ``scripts/consolidate_checkpoint.py`` and ``--model.pretrained`` read them as the plain network.
+
+    Args:
+        tensor_parallel_size: Processes that split each block: a divisor of all processes, of the blocks' heads
+            and of their MLP's width. 1 splits nothing, and resumes a checkpoint saved at any size on one process.
+        **kwargs: What ``FSDP2Strategy`` takes (``checkpoint_blocks``, ``save_distributed_checkpoint``, ...), but
+            hybrid sharding (``shard_group_size``).
+    """
+
+    def __init__(self, tensor_parallel_size: int = 2, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.tensor_parallel_size = tensor_parallel_size
+
+    def setup_environment(self) -> None:
+        if self.shard_group_size is not None:
+            raise UserError(
+                "--trainer.strategy.shard_group_size: hybrid sharding does not combine with tensor parallelism"
+            )
+        super().setup_environment()  # the process group, and FSDP2's mesh of all processes
+        size = self.tensor_parallel_size
+        if not isinstance(size, int) or size < 1 or self.world_size % size:
+            raise UserError(
+                f"--trainer.strategy.tensor_parallel_size {size}: give a divisor of the {self.world_size} processes "
+                "(--trainer.devices x --trainer.num_nodes)"
+            )
+        self._data_parallel_size, self._tensor_parallel_size = self.world_size // size, size
+        # Replaces Lightning's mesh of the same shape, whose groups would ignore --collective_timeout. The data
+        # module and Lightning's sampler arguments read the data-parallel half: rows share their batches.
+        self._device_mesh = grid_mesh(self, size, ("data_parallel", "tensor_parallel"))
+        self.lightning_module._device_mesh = self._device_mesh
+        self.shard_mesh = self._device_mesh["data_parallel"]
+
+    def setup(self, trainer: Any) -> None:
+        split_blocks(self.lightning_module, self.device_mesh["tensor_parallel"])
+        # The split layers' gradients live on the 2-D mesh, the others on its data-parallel half: torch's clipping
+        # cannot take a norm over both
+        replace_norm_clipping(self.precision_plugin, clip_grad_norm_)
+        super().setup(trainer)  # FSDP2 over the data-parallel processes, then each process makes its shards
+
+
+def split_blocks(module: nn.Module, mesh: DeviceMesh) -> None:
+    """Split every block of ``module``'s networks over ``mesh``, weights carried over; blocks split already stay."""
+    for net in [child for child in module.children() if any(True for _ in child.parameters())]:
+        check_splittable(net, mesh.size())
+        blocks = block_classes(net)
+        for name, block in [(n, m) for n, m in net.named_modules() if type(m) in blocks]:
+            _split(net, name, block, _family(type(block)), mesh)
+
+
+def check_splittable(net: nn.Module, size: int, name: str = "this network", flag: str = "") -> None:
+    """Refuse, in one line naming what is supported, a network whose blocks cannot be split ``size`` ways."""
+    blocks = block_classes(net)
+    unknown = sorted(kind.__qualname__ for kind in blocks if _family(kind) is None)
+    refused = f"--trainer.strategy{' ' + flag if flag else ''}: tensor parallelism splits {SUPPORTED}, not {name}"
+    if unknown or not blocks:
+        found = "its blocks are " + ", ".join(unknown) if unknown else "no repeated blocks"
+        raise UserError(f"{refused} ({found})")
+    for block in [m for m in net.modules() if type(m) in blocks]:
+        family = _family(type(block))
+        attention = block.get_submodule(family.attention)
+        first, second = (block.get_submodule(layer) for layer in family.mlp)
+        try:
+            split = attention if isinstance(attention, SPLIT_ATTENTION) else split_attention(attention)
+        except ValueError as error:
+            raise UserError(f"{refused} (its blocks hold {error})") from error
+        if not (isinstance(first, nn.Linear) and isinstance(second, nn.Linear)):
+            raise UserError(f"{refused} (its MLP is not two Linear layers)")
+        if split.num_heads % size or first.out_features % size:
+            raise UserError(
+                f"--trainer.strategy.tensor_parallel_size {size}: {name}'s blocks have {split.num_heads} heads and "
+                f"an MLP {first.out_features} wide; give a size that divides both"
+            )
+
+
+def refuse_unsplittable(strategy: Any, backbone: str, num_classes: int, backbone_kwargs: dict[str, Any]) -> None:
+    """Before any process starts: refuse a tensor-parallel ``strategy`` (a flag or an instance) for a backbone it
+    cannot split. The network is built on the meta device, without memory."""
+    size = tensor_parallel_size(strategy)
+    if size is not None:
+        build = functools.partial(create_backbone, backbone, num_classes, report=lambda line: None, **backbone_kwargs)
+        check_splittable(build_on_meta(build), size, backbone, strategy if isinstance(strategy, str) else "")
+
+
+def tensor_parallel_size(strategy: Any) -> int | None:
+    """The processes that split each block under ``strategy`` (a registered name or an instance); ``None`` for
+    strategies that split nothing."""
+    if isinstance(strategy, TensorParallelStrategy):
+        return strategy.tensor_parallel_size
+    entry = StrategyRegistry[strategy] if isinstance(strategy, str) and strategy in StrategyRegistry else None
+    if entry is None or entry["strategy"] is not TensorParallelStrategy:
+        return None
+    return entry["init_params"].get("tensor_parallel_size", 2)
+
+
+def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float, norm_type: float = 2.0) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for gradients on several device meshes: the norm of each mesh's
+    gradients (whole tensors' norms, every shard counted once), then the norm of those."""
+    by_mesh: dict[DeviceMesh | None, list[Tensor]] = {}
+    for param in parameters:
+        if param.grad is not None:
+            by_mesh.setdefault(getattr(param.grad, "device_mesh", None), []).append(param)
+    norms = []
+    for group in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm([param.grad for param in group], norm_type)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    total = torch.nn.utils.get_total_norm(norms, norm_type)
+    for group in by_mesh.values():
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total
+
+
+def _split(net: nn.Module, name: str, block: nn.Module, family: Family, mesh: DeviceMesh) -> None:
+    attention = block.get_submodule(family.attention)
+    if not isinstance(attention, SPLIT_ATTENTION):
+        attention, old = split_attention(attention), attention
+        _carry_weights(net, f"{name}.{family.attention}", old, attention)
+        block.register_module(family.attention, attention)
+    if isinstance(block.get_submodule(family.mlp[0]).weight, DTensor):
+        return  # parallelized already: a second setup (testing after fitting)
+    qkv = "in_proj" if hasattr(attention, "in_proj") else "qkv"
+    replicated = (Replicate(), *[None] * (family.inputs - 1))
+    plan = {
+        # q, k and v take one input: their input gradients are summed, then all-reduced once instead of thrice
+        family.attention: PrepareModuleInput(input_layouts=replicated, desired_input_layouts=replicated),
+        **{f"{family.attention}.{qkv}.{p}": ColwiseParallel() for p in "qkv"},
+        f"{family.attention}.{family.out}": RowwiseParallel(),
+        family.mlp[0]: ColwiseParallel(),
+        family.mlp[1]: RowwiseParallel(),
+    }
+    # src_data_rank=None: each process keeps its part of its own tensors (equal everywhere: a seeded build), so
+    # nothing is broadcast; on the meta device there is nothing to send anyway
+    parallelize_module(block, mesh, plan, src_data_rank=None)
+
+
+def _carry_weights(net: nn.Module, path: str, old: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` (on the meta device) ``old``'s weights in the split layout, trainable as they were: recorded for
+    ``materialize`` if ``net`` was built deferred, else copied."""
+    sources = {}
+    for name, param in old.named_parameters():
+        for new_name, index in split_names(name):
+            sources[f"{path}.{new_name}"] = (f"{path}.{name}", functools.partial(part, index=index))
+            new.get_parameter(new_name).requires_grad_(param.requires_grad)
+    if not derive(net, sources):
+        state = {name: tensor.detach().clone() for name, tensor in split_state(old.state_dict()).items()}
+        new.load_state_dict(state, assign=True)
+
+
+def _family(kind: type) -> Family | None:
+    """The family of a block class, or of the class FSDP2 derived it from (``FSDPEncoderBlock``)."""
+    keys = [(base.__module__, base.__qualname__) for base in kind.__mro__]
+    return next((FAMILIES[key] for key in keys if key in FAMILIES), None)
