@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 from lightning.fabric.connector import _convert_precision_to_unified_args
+from lightning.fabric.utilities.distributed import _set_num_threads_if_needed
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import FSDPStrategy, Strategy
@@ -98,6 +99,13 @@ def replace_norm_clipping(plugin: Precision, clip: Callable[[Iterable[Tensor], f
         clip(plugin.main_params(optimizer), clip_val)
 
     plugin.clip_grad_by_norm = clip_grad_by_norm
+
+
+def threads_per_process(processes: int) -> None:
+    """Give this process a share of the CPUs for its intra-op threads (unless ``OMP_NUM_THREADS`` sets them), as
+    Lightning's launcher does in every DDP process; under ``ModelParallelStrategy`` it does so in the first process
+    only (the others have no launcher), so the others ran as many threads as there are CPUs."""
+    _set_num_threads_if_needed(num_processes=processes)
 
 
 def release_fsdp1_names(names: Iterable[str]) -> None:

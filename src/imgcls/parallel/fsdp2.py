@@ -13,7 +13,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-from imgcls.compat.lightning import collective_timeout, unified_precision
+from imgcls.compat.lightning import collective_timeout, threads_per_process, unified_precision
 from imgcls.compat.torch import checkpoint
 from imgcls.errors import UserError
 from imgcls.parallel.blocks import block_classes
@@ -67,6 +67,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.shard_mesh: DeviceMesh | None = None
 
     def setup_environment(self) -> None:
+        threads_per_process(self.num_processes)  # on CPUs: processes that round alike, without oversubscribing
         if self._tensor_parallel_size == "auto":  # FSDP2 alone: no tensor parallelism
             self._tensor_parallel_size = 1
         if self._data_parallel_size == "auto":
