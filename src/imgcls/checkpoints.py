@@ -7,19 +7,26 @@ variants): ``.metadata``, one ``__<rank>_0.distcp`` per rank and Lightning's ``m
 import pickle
 import re
 import zipfile
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from imgcls.errors import UserError
-from imgcls.parallel.tp_attention import join_state
 
 LOGS = "logs"  # where train.py writes its runs, and where predict.py and export.py look for the newest
 BEST = "best"  # the file name (without .ckpt) of the best checkpoint of a run
 LAST = "last"  # and of its newest: Lightning's ModelCheckpoint.CHECKPOINT_NAME_LAST
+# Tensor parallelism keeps each attention's q, k and v apart (imgcls.parallel.tp_attention), as the row blocks of the
+# plain network's fused tensor: its name -> the names of its parts ({} is q, k or v). Read, they are joined again.
+QKV_PARTS = ("q", "k", "v")
+FUSED = {"in_proj_weight": "in_proj.{}.weight", "in_proj_bias": "in_proj.{}.bias", "qkv.weight": "qkv.{}.weight",
+         "qkv.bias": "qkv.{}.bias"}  # fmt: skip
+_SPLIT = re.compile(r"^(?P<path>.*?)(?P<container>in_proj|qkv)\.(?P<part>[qkv])\.(?P<kind>weight|bias)$")
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,18 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return _torch_load(path, mmap=True)
 
 
+def tensor_names(path: str | Path) -> list[str]:
+    """The names of a checkpoint's weights (``state_dict``), read without reading the weights."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        from imgcls.shards import read_metadata as read_folder_metadata  # DCP's modules, imported only for folders
+
+        prefix = "state_dict."
+        return [key[len(prefix) :] for key in read_folder_metadata(path).state_dict_metadata if key.startswith(prefix)]
+    state = read_metadata(path).get("state_dict")
+    return list(state) if isinstance(state, dict) else []
+
+
 def _torch_load(path: Path, mmap: bool = False) -> Any:
     try:  # only the zip format (torch.save's since 1.6) can be memory-mapped
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
@@ -139,3 +158,55 @@ def latest_checkpoint(logs: str | Path = LOGS, name: str = f"{BEST}.ckpt") -> Pa
     if not found:
         raise UserError(f"no {name} under {Path(logs).resolve()}; train first (python train.py) or pass --checkpoint")
     return found[-1]
+
+
+def split_names(name: str) -> list[tuple[str, int | None]]:
+    """The split layout's names for plain tensor ``name``: ``[(name, None)]``, or its three parts and their index."""
+    for fused, parts in FUSED.items():
+        if name == fused or name.endswith(f".{fused}"):
+            path = name[: len(name) - len(fused)]
+            return [(path + parts.format(part), index) for index, part in enumerate(QKV_PARTS)]
+    return [(name, None)]
+
+
+def qkv_part(tensor: Tensor, index: int | None) -> Tensor:
+    """Part ``index`` (q, k, v) of a fused tensor's row blocks; the tensor itself for ``None``."""
+    return tensor if index is None else tensor.chunk(len(QKV_PARTS))[index]
+
+
+def split_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A plain state dict in the split layout (fused tensors cut into q, k and v)."""
+    return {new: qkv_part(tensor, index) for name, tensor in state.items() for new, index in split_names(name)}
+
+
+def join_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A state dict in the split layout made plain: q, k and v joined into ``in_proj_weight`` or ``qkv.weight``.
+
+    Names that are not split tensors (a q without its k and v too) stay as they are, in their order, with the state
+    dict's version metadata; a plain state dict comes back as it is.
+    """
+    if not holds_split(state):
+        return state
+    joined: dict[str, Tensor] = OrderedDict()
+    for name, tensor in state.items():
+        found = _SPLIT.match(name)
+        plain = _plain_name(found) if found else None
+        siblings = [_SPLIT.sub(rf"\g<path>\g<container>.{p}.\g<kind>", name) for p in QKV_PARTS] if found else []
+        if plain is None or not all(sibling in state for sibling in siblings):
+            joined[name] = tensor
+        elif found["part"] == QKV_PARTS[0]:
+            joined[plain] = torch.cat([state[sibling] for sibling in siblings])
+    if hasattr(state, "_metadata"):
+        joined._metadata = state._metadata  # read by load_state_dict (versions of BatchNorm and the like)
+    return joined
+
+
+def holds_split(names: Iterable[str]) -> bool:
+    """Whether tensors named ``names`` are in the split layout (a tensor-parallel run's)."""
+    return any(_SPLIT.match(name) for name in names)
+
+
+def _plain_name(found: re.Match) -> str | None:
+    split = f"{found['container']}.{{}}.{found['kind']}"
+    fused = next((plain for plain, parts in FUSED.items() if parts == split), None)
+    return found["path"] + fused if fused is not None else None

@@ -16,7 +16,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from imgcls import runtime
+from imgcls.backbones.factory import create_backbone
 from imgcls.backbones.input_size import settle_input_size
+from imgcls.backbones.meta import build_on_meta
 from imgcls.backbones.weights import resolve_weights
 from imgcls.callbacks.checkpointing import BestAndLast
 from imgcls.callbacks.crash_safe import CrashSafeCheckpoints
@@ -32,7 +34,7 @@ from imgcls.model import MONITOR, ImageClassifier
 from imgcls.parallel.collectives import DEFAULT_TIMEOUT_S, apply_timeout, close, describe_failure, is_collective_failure
 from imgcls.parallel.fsdp2 import fp16_trainer_args
 from imgcls.parallel.registry import refuse_untested_strategy, register_strategies
-from imgcls.parallel.tensor_parallel import refuse_unsplittable
+from imgcls.parallel.tensor_parallel import check_splittable, tensor_parallel_size
 from imgcls.precision import warn_if_bf16_is_emulated
 from imgcls.resume import check_resumable, resolve_ckpt_path
 
@@ -117,7 +119,7 @@ def fit_and_test(cli: "TrainCLI") -> None:
         torch.set_float32_matmul_precision(cli.config.float32_matmul_precision)
     ckpt_path = resolve_ckpt_path(cli.config.ckpt_path, trainer)
     if ckpt_path is not None:
-        saved = check_resumable(ckpt_path, cli.model.hparams)
+        saved = check_resumable(ckpt_path, cli.model.hparams, tensor_parallel_size(trainer.strategy) is not None)
         # Where the data left off. Lightning restores it too, but sharded strategies build the training loader
         # before they restore (Lightning #20550): given now, it is there in time for every strategy.
         cli.datamodule.load_state_dict(saved.get(type(cli.datamodule).__qualname__, {}))
@@ -233,8 +235,11 @@ class TrainCLI(LightningCLI):
         kwargs.update(fp16_trainer_args({**self.config_init.trainer, **kwargs}))
         strategy = kwargs.get("strategy", self.config_init.trainer.get("strategy"))
         refuse_untested_strategy(strategy)
-        hparams = self.model.hparams  # a tensor-parallel strategy and a backbone it cannot split: say so before launch
-        refuse_unsplittable(strategy, hparams.backbone, hparams.num_classes, self.model.backbone_kwargs)
+        split = tensor_parallel_size(strategy)
+        if split is not None:  # a backbone tensor parallelism cannot split: said before any process starts
+            hp = self.model.hparams
+            net = build_on_meta(lambda: create_backbone(hp.backbone, hp.num_classes, **self.model.backbone_kwargs))
+            check_splittable(net, split, hp.backbone, strategy if isinstance(strategy, str) else "")
         try:
             instance = super().instantiate_trainer(**kwargs)
         except ValueError as error:  # the Trainer refuses its settings (a GPU-only strategy on a CPU, ...)

@@ -13,7 +13,7 @@ import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from imgcls.checkpoints import LAST, ModelSpec, latest_checkpoint, read_metadata
+from imgcls.checkpoints import LAST, ModelSpec, holds_split, latest_checkpoint, read_metadata, tensor_names
 from imgcls.compat.lightning import continue_version
 from imgcls.errors import UserError
 
@@ -56,9 +56,10 @@ def resolve_ckpt_path(value: str | None, trainer: L.Trainer) -> str | None:
     return str(found)
 
 
-def check_resumable(path: str, hparams: dict[str, Any]) -> dict[str, Any]:
-    """Refuse a checkpoint that is missing, unreadable, unsafe, or of another network or other classes than
-    ``hparams`` (the model's), before Lightning loads it; each with a one-line ``UserError``. Return its metadata
+def check_resumable(path: str, hparams: dict[str, Any], tensor_parallel: bool = False) -> dict[str, Any]:
+    """Refuse a checkpoint that is missing, unreadable, unsafe, of another network or other classes than
+    ``hparams`` (the model's), or saved with tensor parallelism when the run has none (or the reverse: the layouts
+    of q, k and v differ), before Lightning loads it; each with a one-line ``UserError``. Return its metadata
     (everything but the weights and optimizer states)."""
     try:
         metadata = read_metadata(path)
@@ -79,4 +80,13 @@ def check_resumable(path: str, hparams: dict[str, Any]) -> dict[str, Any]:
             f"--ckpt_path {path}: trained on {theirs.classes}, but the data has {ours.classes}; resume with the same "
             f"classes, {fresh}"
         )
+    if holds_split(tensor_names(path)) != tensor_parallel:
+        how = (
+            "without tensor parallelism, and this run splits its blocks; resume with the strategy it was saved with"
+            if tensor_parallel
+            else "with tensor parallelism (fsdp_tp), and this run has none; resume under a fsdp_tp strategy (on one "
+            "process: --trainer.strategy imgcls.parallel.tensor_parallel.TensorParallelStrategy "
+            "--trainer.strategy.tensor_parallel_size 1)"
+        )
+        raise UserError(f"--ckpt_path {path}: saved {how}, {fresh}")
     return metadata

@@ -19,9 +19,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from imgcls.checkpoints import join_state
 from imgcls.cli import main
 from imgcls.data.transforms import normalize_batch
-from imgcls.parallel.tp_attention import join_state
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"  # as train.py passes it
 

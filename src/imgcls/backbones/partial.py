@@ -7,9 +7,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from imgcls.checkpoints import load_checkpoint
+from imgcls.checkpoints import join_state, load_checkpoint
 from imgcls.errors import UserError
-from imgcls.parallel.tp_attention import join_state
 
 # What wrappers put in front of tensor names: Lightning's strategy wrapper, torch.compile, DDP / DataParallel,
 # and the attribute a LightningModule keeps its network in (``net.`` is this project's ImageClassifier).

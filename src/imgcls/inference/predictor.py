@@ -8,11 +8,10 @@ from PIL import Image
 from torch import nn
 
 from imgcls.backbones.factory import create_backbone
-from imgcls.checkpoints import ModelSpec, load_checkpoint
+from imgcls.checkpoints import ModelSpec, join_state, load_checkpoint
 from imgcls.data.transforms import build_transforms
 from imgcls.errors import UserError
 from imgcls.inference.exported import is_bundle, read_bundle
-from imgcls.parallel.tp_attention import join_state
 
 Prediction = list[tuple[str, float]]  # (class name, probability), most likely first
 

@@ -20,14 +20,13 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, parallelize_module
 
-from imgcls.backbones.factory import create_backbone
-from imgcls.backbones.meta import build_on_meta
+from imgcls.checkpoints import qkv_part, split_names, split_state
 from imgcls.compat.lightning import replace_norm_clipping
 from imgcls.errors import UserError
 from imgcls.parallel.blocks import block_classes
 from imgcls.parallel.deferred_init import derive
 from imgcls.parallel.fsdp2 import FSDP2Strategy, grid_mesh
-from imgcls.parallel.tp_attention import SPLIT_ATTENTION, part, split_attention, split_names, split_state
+from imgcls.parallel.tp_attention import SPLIT_ATTENTION, split_attention
 
 SUPPORTED = "torchvision's vit_* and timm's ViTs (vit_*, deit_*: blocks of self-attention and a two-layer MLP)"
 
@@ -102,9 +101,24 @@ def split_blocks(module: nn.Module, mesh: DeviceMesh) -> None:
     """Split every block of ``module``'s networks over ``mesh``, weights carried over; blocks split already stay."""
     for net in [child for child in module.children() if any(True for _ in child.parameters())]:
         check_splittable(net, mesh.size())
+        make_splittable(net)
         blocks = block_classes(net)
-        for name, block in [(n, m) for n, m in net.named_modules() if type(m) in blocks]:
-            _split(net, name, block, _family(type(block)), mesh)
+        for block in [m for m in net.modules() if type(m) in blocks]:
+            _parallelize(block, _family(type(block)), mesh)
+
+
+def make_splittable(net: nn.Module) -> nn.Module:
+    """Give each block of ``net`` the attention tensor parallelism can split, with the same weights: the network
+    computes what it computed (in place; returns ``net``)."""
+    blocks = block_classes(net)
+    for name, block in [(n, m) for n, m in net.named_modules() if type(m) in blocks]:
+        family = _family(type(block))
+        attention = block.get_submodule(family.attention)
+        if not isinstance(attention, SPLIT_ATTENTION):
+            split = split_attention(attention)
+            _carry_weights(net, f"{name}.{family.attention}", attention, split)
+            block.register_module(family.attention, split)
+    return net
 
 
 def check_splittable(net: nn.Module, size: int, name: str = "this network", flag: str = "") -> None:
@@ -130,15 +144,6 @@ def check_splittable(net: nn.Module, size: int, name: str = "this network", flag
                 f"--trainer.strategy.tensor_parallel_size {size}: {name}'s blocks have {split.num_heads} heads and "
                 f"an MLP {first.out_features} wide; give a size that divides both"
             )
-
-
-def refuse_unsplittable(strategy: Any, backbone: str, num_classes: int, backbone_kwargs: dict[str, Any]) -> None:
-    """Before any process starts: refuse a tensor-parallel ``strategy`` (a flag or an instance) for a backbone it
-    cannot split. The network is built on the meta device, without memory."""
-    size = tensor_parallel_size(strategy)
-    if size is not None:
-        build = functools.partial(create_backbone, backbone, num_classes, report=lambda line: None, **backbone_kwargs)
-        check_splittable(build_on_meta(build), size, backbone, strategy if isinstance(strategy, str) else "")
 
 
 def tensor_parallel_size(strategy: Any) -> int | None:
@@ -169,15 +174,10 @@ def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float, norm_type: fl
     return total
 
 
-def _split(net: nn.Module, name: str, block: nn.Module, family: Family, mesh: DeviceMesh) -> None:
-    attention = block.get_submodule(family.attention)
-    if not isinstance(attention, SPLIT_ATTENTION):
-        attention, old = split_attention(attention), attention
-        _carry_weights(net, f"{name}.{family.attention}", old, attention)
-        block.register_module(family.attention, attention)
+def _parallelize(block: nn.Module, family: Family, mesh: DeviceMesh) -> None:
     if isinstance(block.get_submodule(family.mlp[0]).weight, DTensor):
         return  # parallelized already: a second setup (testing after fitting)
-    qkv = "in_proj" if hasattr(attention, "in_proj") else "qkv"
+    qkv = "in_proj" if hasattr(block.get_submodule(family.attention), "in_proj") else "qkv"
     replicated = (Replicate(), *[None] * (family.inputs - 1))
     plan = {
         # q, k and v take one input: their input gradients are summed, then all-reduced once instead of thrice
@@ -198,7 +198,7 @@ def _carry_weights(net: nn.Module, path: str, old: nn.Module, new: nn.Module) ->
     sources = {}
     for name, param in old.named_parameters():
         for new_name, index in split_names(name):
-            sources[f"{path}.{new_name}"] = (f"{path}.{name}", functools.partial(part, index=index))
+            sources[f"{path}.{new_name}"] = (f"{path}.{name}", functools.partial(qkv_part, index=index))
             new.get_parameter(new_name).requires_grad_(param.requires_grad)
     if not derive(net, sources):
         state = {name: tensor.detach().clone() for name, tensor in split_state(old.state_dict()).items()}

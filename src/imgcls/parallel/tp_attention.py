@@ -6,21 +6,15 @@ torchvision's ``nn.MultiheadAttention`` keeps q, k and v in one ``in_proj_weight
 each one's rows are ordered head by head, so a column split gives every process whole heads of all three, and the
 forward reads its head count from the width it got. The weights keep their plain names but one: the fused tensor
 ``in_proj_weight`` (``qkv.weight``) becomes ``in_proj.q.weight``, ``in_proj.k.weight``, ``in_proj.v.weight``
-(``qkv.q.weight``, ...), its three row blocks, so converting a state dict either way only cuts or joins tensors.
+(``qkv.q.weight``, ...), its three row blocks, so converting a state dict either way only cuts or joins tensors
+(``imgcls.checkpoints.join_state`` and ``split_state``).
 """
-
-import re
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-PARTS = ("q", "k", "v")
-# A plain fused tensor's name -> the names of its parts in the split layout ({} is q, k or v)
-FUSED = {"in_proj_weight": "in_proj.{}.weight", "in_proj_bias": "in_proj.{}.bias", "qkv.weight": "qkv.{}.weight",
-         "qkv.bias": "qkv.{}.bias"}  # fmt: skip
-_SPLIT = re.compile(r"^(?P<path>.*?)(?P<container>in_proj|qkv)\.(?P<part>[qkv])\.(?P<kind>weight|bias)$")
+from imgcls.checkpoints import QKV_PARTS
 
 
 class QKV(nn.Module):
@@ -28,7 +22,7 @@ class QKV(nn.Module):
 
     def __init__(self, dim: int, width: int, bias: bool) -> None:
         super().__init__()
-        self.q, self.k, self.v = (nn.Linear(dim, width, bias=bias) for _ in PARTS)
+        self.q, self.k, self.v = (nn.Linear(dim, width, bias=bias) for _ in QKV_PARTS)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return self.q(x), self.k(x), self.v(x)  # each (B, N, local heads * head_dim)
@@ -90,7 +84,7 @@ SPLIT_ATTENTION = (SplitMultiheadAttention, SplitTimmAttention)
 def split_attention(attention: nn.Module) -> nn.Module:
     """An empty stand-in (on the meta device) for ``attention`` with q, k and v split; ``ValueError`` says why not.
 
-    The caller carries the weights over, named as ``split_names`` says.
+    The caller carries the weights over, named as ``imgcls.checkpoints.split_names`` says.
     """
     with torch.device("meta"):
         if isinstance(attention, nn.MultiheadAttention):
@@ -114,50 +108,3 @@ def split_attention(attention: nn.Module) -> nn.Module:
 def _is_timm_attention(module: nn.Module) -> bool:
     kind = type(module)
     return kind.__name__ == "Attention" and kind.__module__.startswith("timm.") and isinstance(module.qkv, nn.Linear)
-
-
-def split_names(name: str) -> list[tuple[str, int | None]]:
-    """The split layout's names for plain tensor ``name``: ``[(name, None)]``, or its three parts and their index."""
-    for fused, parts in FUSED.items():
-        if name == fused or name.endswith(f".{fused}"):
-            path = name[: len(name) - len(fused)]
-            return [(path + parts.format(part), index) for index, part in enumerate(PARTS)]
-    return [(name, None)]
-
-
-def part(tensor: Tensor, index: int | None) -> Tensor:
-    """Part ``index`` (q, k, v) of a fused tensor's row blocks; the tensor itself for ``None``."""
-    return tensor if index is None else tensor.chunk(len(PARTS))[index]
-
-
-def split_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A plain state dict in the split layout (fused tensors cut into q, k and v)."""
-    return {new: part(tensor, index) for name, tensor in state.items() for new, index in split_names(name)}
-
-
-def join_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A state dict in the split layout made plain: q, k and v joined into ``in_proj_weight`` or ``qkv.weight``.
-
-    Names that are not split tensors (a q without its k and v too) stay as they are, in their order, with the state
-    dict's version metadata; a plain state dict comes back as it is.
-    """
-    if not any(_SPLIT.match(name) for name in state):
-        return state
-    joined: dict[str, Tensor] = OrderedDict()
-    for name, tensor in state.items():
-        found = _SPLIT.match(name)
-        plain = _plain_name(found) if found else None
-        siblings = [_SPLIT.sub(rf"\g<path>\g<container>.{p}.\g<kind>", name) for p in PARTS] if found else []
-        if plain is None or not all(sibling in state for sibling in siblings):
-            joined[name] = tensor
-        elif found["part"] == PARTS[0]:
-            joined[plain] = torch.cat([state[sibling] for sibling in siblings])
-    if hasattr(state, "_metadata"):
-        joined._metadata = state._metadata  # read by load_state_dict (versions of BatchNorm and the like)
-    return joined
-
-
-def _plain_name(found: re.Match) -> str | None:
-    split = f"{found['container']}.{{}}.{found['kind']}"
-    fused = next((plain for plain, parts in FUSED.items() if parts == split), None)
-    return found["path"] + fused if fused is not None else None

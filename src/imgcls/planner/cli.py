@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from imgcls.compat.lightning import unified_precision
 from imgcls.errors import UserError
+from imgcls.parallel.tensor_parallel import tensor_parallel_size
 from imgcls.planner.options import AUTO_FIT, PlanOptions, parse_size
 from imgcls.planner.plan import Plan, make_plan
 from imgcls.planner.step_memory import Job, StrategySpec
@@ -90,7 +91,8 @@ def configured_strategy(value: Any, world_size: int) -> StrategySpec | None:
         return StrategySpec(flag, "single device")
     if name in ("auto", AUTO_FIT) or name.startswith("ddp") or name == "DDPStrategy":
         return StrategySpec(flag, "ddp", buckets=True)
-    if name.startswith("fsdp") or name == "FSDP2Strategy":
+    if name.startswith("fsdp") or name in ("FSDP2Strategy", "TensorParallelStrategy"):
+        split = args.get("tensor_parallel_size", 2) if name == "TensorParallelStrategy" else tensor_parallel_size(flag)
         return StrategySpec(
             flag,
             name,
@@ -100,6 +102,7 @@ def configured_strategy(value: Any, world_size: int) -> StrategySpec | None:
             reshard=bool(args.get("reshard_after_forward", True)),
             hybrid=args.get("shard_group_size") is not None or "hybrid" in name,  # estimated as one node's shards
             sync_every_micro_batch=bool(args.get("sync_every_micro_batch", False)),
+            tensor_parallel=int(split or 1),
         )
     return None
 
@@ -138,6 +141,8 @@ def format_plan(plan: Plan) -> str:
             f"  accumulating {job.accumulate_grad_batches} micro-batches: fsdp holds whole gradients between them "
             "(sync_every_micro_batch: true keeps them sharded)"
         )
+    if any(e.strategy.tensor_parallel > 1 for e in rows):
+        lines.append("  fsdp_tp*: the processes that split a block share its batch: --data.batch_size is per split")
     if any(e.measured for e in rows):
         lines.append("  measured with real batches of 1 and 2 images: the network does not run on fake tensors")
     best = plan.recommended

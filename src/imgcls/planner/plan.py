@@ -7,13 +7,15 @@ real batches of 1 and 2 images, extrapolated linearly to the batch size.
 """
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from torch import nn
 
 from imgcls.backbones.meta import build_on_meta
 from imgcls.compat.torch import fake_tensor
 from imgcls.errors import UserError
+from imgcls.parallel.registry import TENSOR_PARALLEL
+from imgcls.parallel.tensor_parallel import check_splittable
 from imgcls.planner.step_memory import Job, StepMemory, StrategySpec, step_memory
 
 PRECISIONS = ("32-true", "64-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
@@ -25,8 +27,11 @@ NOT_TRACEABLE = (
 )
 
 
-def standard_strategies(job: Job) -> list[StrategySpec]:
-    """The strategies a plan compares, cheapest first: the least communication and recomputation."""
+def standard_strategies(job: Job, tensor_parallel: Sequence[int] = ()) -> list[StrategySpec]:
+    """The strategies a plan compares, cheapest first: the least communication and recomputation.
+
+    ``tensor_parallel``: the sizes tensor parallelism can split the network's blocks into on these devices.
+    """
     rows = [StrategySpec("ddp", "ddp", buckets=True) if job.world_size > 1 else StrategySpec("auto", "single device")]
     if job.world_size > job.devices_per_node:  # several nodes: all-gathers within a node, all-reduces across them
         rows.append(StrategySpec("fsdp_hybrid", "fsdp within each node, replicas across", shard=True, hybrid=True))
@@ -34,6 +39,14 @@ def standard_strategies(job: Job) -> list[StrategySpec]:
         StrategySpec("fsdp", "fsdp", shard=True),
         StrategySpec("fsdp_checkpointing", "fsdp + activation checkpointing", shard=True, checkpoint=True),
     ]
+    # After FSDP alone, as each block's forward and backward all-reduce its activations twice, more so the more
+    # processes split it; before CPU offload, whose transfers cross PCIe
+    for size in tensor_parallel:
+        for flag, options in TENSOR_PARALLEL.items():  # without, then with activation checkpointing
+            if options["tensor_parallel_size"] == size:
+                checkpoint = options.get("checkpoint_blocks", False)
+                label = f"tensor parallel {size} x fsdp" + (" + activation checkpointing" if checkpoint else "")
+                rows.append(StrategySpec(flag, label, shard=True, checkpoint=checkpoint, tensor_parallel=size))
     if job.gpu:  # offload moves state from the GPU to host memory; a CPU has nowhere to move it
         rows.append(StrategySpec("fsdp_cpu_offload", "fsdp + CPU offload", shard=True, offload=True))
         rows.append(
@@ -111,7 +124,8 @@ def make_plan(
         raise UserError(f"--trainer.precision {job.precision}: the planner knows {', '.join(PRECISIONS)}")
     if not 0 <= headroom < 1:
         raise UserError(f"--plan.headroom {headroom}: give the share of memory to keep free, e.g. 0.1")
-    rows = standard_strategies(job)
+    standard = standard_strategies(job, splittable_sizes(job))
+    rows = list(standard)
     if configured is not None and all(configured.memory != row.memory for row in rows):
         rows.append(configured)
     # One run serves a strategy with and without CPU offload: the trackers count both peaks.
@@ -123,7 +137,7 @@ def make_plan(
             runs[key] = _run(job, key)
         estimates.append(_estimate(job, strategy, *runs[key]))
     chosen = next((e for e in estimates if configured is not None and e.strategy.memory == configured.memory), None)
-    count = len(standard_strategies(job))
+    count = len(standard)
     plan = Plan(job, estimates[:count], chosen, device_memory, headroom, parameter_count(job.build), target)
     frugal = plan.recommended or plan.estimates[-1]
     return dataclasses.replace(plan, max_batch=largest_batch(job, frugal, plan.budget))
@@ -170,6 +184,25 @@ def largest_batch(job: Job, start: Estimate, budget: int, rounds: int = 8) -> in
             break
         known[size] = step.resident_forward_backward if start.strategy.offload else step.forward_backward
     return max((n for n, peak in known.items() if peak <= budget), default=0)
+
+
+def splittable_sizes(job: Job) -> list[int]:
+    """The tensor-parallel sizes the job's network splits into on its devices: within a node, dividing its heads and
+    its MLP's width."""
+    sizes = [options["tensor_parallel_size"] for options in TENSOR_PARALLEL.values()]
+    sizes = sorted({size for size in sizes if job.devices_per_node % size == 0})
+    if not sizes:
+        return []
+    module = build_on_meta(job.build)
+    net = next(child for child in module.children() if any(True for _ in child.parameters()))
+    fits = []
+    for size in sizes:
+        try:
+            check_splittable(net, size)
+        except UserError:  # not a ViT, or heads that this size does not divide
+            continue
+        fits.append(size)
+    return fits
 
 
 def parameter_count(build: Callable[[], nn.Module]) -> int:

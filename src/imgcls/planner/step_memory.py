@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
@@ -25,6 +25,7 @@ from imgcls.backbones.meta import build_on_meta
 from imgcls.compat.torch import FakeStore, FSDPMemTracker, MemTracker, fake_tensor
 from imgcls.errors import UserError
 from imgcls.parallel.fsdp2 import recompute_blocks, shard_blocks
+from imgcls.parallel.tensor_parallel import split_blocks
 
 # What CPU offload keeps in host memory (FSDPMemTracker's categories); everything else stays on the device.
 OFFLOADED = {"sharded param", "sharded grad", "optstate"}
@@ -73,13 +74,14 @@ class StrategySpec:
     reshard: bool = True  # FSDP: free gathered parameters after each block's forward (ZeRO-3)
     hybrid: bool = False  # FSDP: shard within a node, replicate across nodes
     sync_every_micro_batch: bool = False  # FSDP, accumulating: gradients reduced and sharded after each micro-batch
+    tensor_parallel: int = 1  # processes that split each block (tensor parallelism); FSDP shards over the rest
 
     @property
-    def memory(self) -> tuple[bool, ...]:
+    def memory(self) -> tuple[bool | int, ...]:
         """What decides the memory: strategies with equal ``memory`` hold the same bytes."""
         return (
             self.shard, self.checkpoint, self.offload, self.buckets, self.reshard, self.hybrid,
-            self.sync_every_micro_batch,
+            self.sync_every_micro_batch, self.tensor_parallel,
         )  # fmt: skip
 
 
@@ -106,12 +108,17 @@ def step_memory(job: Job, strategy: StrategySpec, batch_size: int, fake: bool = 
     module = precision.convert_module(build_on_meta(job.build))  # bf16-true: 16-bit weights, still on meta
     with contextlib.ExitStack() as stack:
         if strategy.shard:
-            mesh = stack.enter_context(_fake_mesh(job.devices_per_node if strategy.hybrid else job.world_size))
+            size = job.devices_per_node if strategy.hybrid else job.world_size
+            mesh = stack.enter_context(_fake_mesh(size, strategy.tensor_parallel))
+            if strategy.tensor_parallel > 1:  # as TensorParallelStrategy does: each block split, on the meta device
+                split_blocks(module, mesh["tensor_parallel"])
+                mesh = mesh["data_parallel"]
+        if strategy.shard:  # as FSDP2Strategy does: fully_shard on each block, then on the network, on meta tensors
+            # (over a tensor-parallel mesh, fully_shard makes a device mesh, whose coordinates fake tensors cannot find)
+            shard_blocks(module, mesh, checkpoint_blocks=strategy.checkpoint, reshard_after_forward=strategy.reshard)
         if fake:
             stack.enter_context(fake_tensor.FakeTensorMode(allow_non_fake_inputs=True))  # meta tensors become fake
-        if strategy.shard:  # as FSDP2Strategy does: fully_shard on each block, then on the network
-            shard_blocks(module, mesh, checkpoint_blocks=strategy.checkpoint, reshard_after_forward=strategy.reshard)
-        elif strategy.checkpoint:
+        if strategy.checkpoint and not strategy.shard:
             recompute_blocks(module)
         module.to_empty(device="cpu")
         optimizer = job.optimizer(module.parameters())
@@ -220,13 +227,18 @@ def _kind(key: object) -> str:
 
 
 @contextlib.contextmanager
-def _fake_mesh(size: int) -> Iterator[object]:
-    """A device mesh over a fake process group of ``size`` ranks, seen from rank 0."""
+def _fake_mesh(size: int, tensor_parallel: int = 1) -> Iterator[DeviceMesh]:
+    """A device mesh over a fake process group of ``size`` ranks, seen from rank 0; with tensor parallelism a 2-D
+    one, (data parallel, tensor parallel), as ``TensorParallelStrategy`` lays out its processes."""
     if dist.is_initialized():
         raise UserError("--plan: plan before the processes start; a process group exists already")
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=size)
     try:
-        yield init_device_mesh("cpu", (size,))
+        if tensor_parallel == 1:
+            yield init_device_mesh("cpu", (size,))
+        else:
+            shape, names = (size // tensor_parallel, tensor_parallel), ("data_parallel", "tensor_parallel")
+            yield init_device_mesh("cpu", shape, mesh_dim_names=names)
     finally:
         dist.destroy_process_group()
 
