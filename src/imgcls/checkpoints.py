@@ -1,4 +1,5 @@
-"""Reading checkpoints safely: any device's checkpoint onto the CPU, tensors and plain data only.
+"""Reading checkpoints safely: any device's checkpoint onto the CPU, tensors and plain data only; and the plain
+layout of a tensor-parallel checkpoint's weights (``join_state``).
 
 A checkpoint is a ``.ckpt`` file, or a directory of shards written by a sharded strategy (``fsdp`` and its
 variants): ``.metadata``, one ``__<rank>_0.distcp`` per rank and Lightning's ``meta.pt``.
@@ -26,6 +27,7 @@ LAST = "last"  # and of its newest: Lightning's ModelCheckpoint.CHECKPOINT_NAME_
 QKV_PARTS = ("q", "k", "v")
 FUSED = {"in_proj_weight": "in_proj.{}.weight", "in_proj_bias": "in_proj.{}.bias", "qkv.weight": "qkv.{}.weight",
          "qkv.bias": "qkv.{}.bias"}  # fmt: skip
+_FUSED_FROM = {parts: fused for fused, parts in FUSED.items()}
 _SPLIT = re.compile(r"^(?P<path>.*?)(?P<container>in_proj|qkv)\.(?P<part>[qkv])\.(?P<kind>weight|bias)$")
 
 
@@ -190,12 +192,12 @@ def join_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     joined: dict[str, Tensor] = OrderedDict()
     for name, tensor in state.items():
         found = _SPLIT.match(name)
-        plain = _plain_name(found) if found else None
-        siblings = [_SPLIT.sub(rf"\g<path>\g<container>.{p}.\g<kind>", name) for p in QKV_PARTS] if found else []
-        if plain is None or not all(sibling in state for sibling in siblings):
+        parts = [f"{found['path']}{found['container']}.{p}.{found['kind']}" for p in QKV_PARTS] if found else []
+        if not found or not all(part in state for part in parts):
             joined[name] = tensor
-        elif found["part"] == QKV_PARTS[0]:
-            joined[plain] = torch.cat([state[sibling] for sibling in siblings])
+        elif found["part"] == QKV_PARTS[0]:  # the fused tensor takes q's place
+            fused = _FUSED_FROM[f"{found['container']}.{{}}.{found['kind']}"]
+            joined[found["path"] + fused] = torch.cat([state[part] for part in parts])
     if hasattr(state, "_metadata"):
         joined._metadata = state._metadata  # read by load_state_dict (versions of BatchNorm and the like)
     return joined
@@ -204,9 +206,3 @@ def join_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
 def holds_split(names: Iterable[str]) -> bool:
     """Whether tensors named ``names`` are in the split layout (a tensor-parallel run's)."""
     return any(_SPLIT.match(name) for name in names)
-
-
-def _plain_name(found: re.Match) -> str | None:
-    split = f"{found['container']}.{{}}.{found['kind']}"
-    fused = next((plain for plain, parts in FUSED.items() if parts == split), None)
-    return found["path"] + fused if fused is not None else None

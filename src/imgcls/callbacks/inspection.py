@@ -10,10 +10,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
-from torch.distributed.tensor import DTensor
 
 from imgcls.callbacks.tensorboard import tensorboard
 from imgcls.errors import UserError
+from imgcls.parallel.parts import local_part, pieces
 
 # Names that torch.compile, FSDP and activation checkpointing insert between a module and its children.
 WRAPPERS = {"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
@@ -196,30 +196,18 @@ class ParameterInspector(Callback):
 
 
 class _Shards:
-    """How a process's tensors relate to the full ones, so that per-process sums add up to full-tensor sums.
-
-    Each value of a full tensor lives on ``world_size / shards`` processes, where ``shards`` is how many pieces it
-    is cut into: 1 for a replicated tensor (DDP), the sharded mesh dimensions' sizes for a ``DTensor`` (FSDP2, hybrid
-    sharding included). Weighting each process's sums by ``shards / world_size`` makes their total count every value
-    once.
-    """
+    """How a process's tensors relate to the whole ones, so that per-process sums add up to whole-tensor sums
+    (``imgcls.parallel.parts``)."""
 
     def __init__(self, trainer: L.Trainer) -> None:
         self.world_size = trainer.world_size
 
     def count(self, tensor: Tensor) -> int:
-        if isinstance(tensor, DTensor):
-            mesh = tensor.device_mesh
-            # every placement but Replicate and Partial splits: Shard, and the _StridedShard of FSDP2 over tensor
-            # parallelism (whose is_shard() is False)
-            splits = [i for i, p in enumerate(tensor.placements) if not (p.is_replicate() or p.is_partial())]
-            return math.prod(mesh.size(i) for i in splits)
-        return 1
+        return pieces(tensor)
 
     def local(self, tensor: Tensor) -> tuple[Tensor, float]:
         """This process's part of ``tensor`` and the weight of its sums."""
-        part = tensor.to_local() if isinstance(tensor, DTensor) else tensor
-        return part, self.count(tensor) / self.world_size
+        return local_part(tensor, self.world_size)
 
     def reduce(self, tensor: Tensor, op: dist.ReduceOp) -> Tensor:
         if self.world_size > 1:

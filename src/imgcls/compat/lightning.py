@@ -60,6 +60,12 @@ def device_mesh(strategy: Strategy) -> DeviceMesh | None:
     return getattr(strategy, "_device_mesh", None)
 
 
+def set_device_mesh(strategy: Strategy, mesh: DeviceMesh) -> None:
+    """Make ``mesh`` the device mesh of a ``ModelParallelStrategy`` and of its LightningModule, in place of the one
+    ``setup_environment`` made."""
+    strategy._device_mesh = strategy.lightning_module._device_mesh = mesh
+
+
 def set_collective_timeout(strategy: Strategy, timeout: timedelta) -> bool:
     """Give the process group ``strategy`` will create this timeout; ``False`` if it creates none.
 

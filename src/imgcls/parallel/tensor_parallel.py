@@ -10,10 +10,12 @@ parameter over the data-parallel processes.
 
 import dataclasses
 import functools
+import math
 from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch.strategies import StrategyRegistry
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -21,11 +23,12 @@ from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, parallelize_module
 
 from imgcls.checkpoints import qkv_part, split_names, split_state
-from imgcls.compat.lightning import replace_norm_clipping
+from imgcls.compat.lightning import replace_norm_clipping, set_device_mesh
 from imgcls.errors import UserError
 from imgcls.parallel.blocks import block_classes
 from imgcls.parallel.deferred_init import derive
 from imgcls.parallel.fsdp2 import FSDP2Strategy, grid_mesh
+from imgcls.parallel.parts import local_part
 from imgcls.parallel.tp_attention import SPLIT_ATTENTION, split_attention
 
 SUPPORTED = "torchvision's vit_* and timm's ViTs (vit_*, deit_*: blocks of self-attention and a two-layer MLP)"
@@ -83,11 +86,11 @@ class TensorParallelStrategy(FSDP2Strategy):
                 "(--trainer.devices x --trainer.num_nodes)"
             )
         self._data_parallel_size, self._tensor_parallel_size = self.world_size // size, size
-        # Replaces Lightning's mesh of the same shape, whose groups would ignore --collective_timeout. The data
-        # module and Lightning's sampler arguments read the data-parallel half: rows share their batches.
-        self._device_mesh = grid_mesh(self, size, ("data_parallel", "tensor_parallel"))
-        self.lightning_module._device_mesh = self._device_mesh
-        self.shard_mesh = self._device_mesh["data_parallel"]
+        # Made here, not by Lightning (whose init_device_mesh groups would wait 30 minutes, not --collective_timeout).
+        # The data module and Lightning's sampler arguments read its data-parallel half: a split shares its batches.
+        mesh = grid_mesh(self, size, ("data_parallel", "tensor_parallel"))
+        set_device_mesh(self, mesh)
+        self.shard_mesh = mesh["data_parallel"]
 
     def setup(self, trainer: Any) -> None:
         split_blocks(self.lightning_module, self.device_mesh["tensor_parallel"])
@@ -137,8 +140,10 @@ def check_splittable(net: nn.Module, size: int, name: str = "this network", flag
             split = attention if isinstance(attention, SPLIT_ATTENTION) else split_attention(attention)
         except ValueError as error:
             raise UserError(f"{refused} (its blocks hold {error})") from error
-        if not (isinstance(first, nn.Linear) and isinstance(second, nn.Linear)):
-            raise UserError(f"{refused} (its MLP is not two Linear layers)")
+        mlp = block.get_submodule(family.mlp[0].rpartition(".")[0])
+        weighted = [m for m in mlp.children() if m not in (first, second) and any(True for _ in m.parameters())]
+        if not (isinstance(first, nn.Linear) and isinstance(second, nn.Linear)) or weighted:
+            raise UserError(f"{refused} (its MLP is not two Linear layers with an activation between them)")
         if split.num_heads % size or first.out_features % size:
             raise UserError(
                 f"--trainer.strategy.tensor_parallel_size {size}: {name}'s blocks have {split.num_heads} heads and "
@@ -158,19 +163,24 @@ def tensor_parallel_size(strategy: Any) -> int | None:
 
 
 def clip_grad_norm_(parameters: Iterable[Tensor], max_norm: float, norm_type: float = 2.0) -> Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` for gradients on several device meshes: the norm of each mesh's
-    gradients (whole tensors' norms, every shard counted once), then the norm of those."""
-    by_mesh: dict[DeviceMesh | None, list[Tensor]] = {}
-    for param in parameters:
-        if param.grad is not None:
-            by_mesh.setdefault(getattr(param.grad, "device_mesh", None), []).append(param)
-    norms = []
-    for group in by_mesh.values():
-        norm = torch.nn.utils.get_total_norm([param.grad for param in group], norm_type)
-        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-    total = torch.nn.utils.get_total_norm(norms, norm_type)
-    for group in by_mesh.values():
-        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    """``torch.nn.utils.clip_grad_norm_`` for gradients on several device meshes (torch's stacks their norms, which
+    DTensor refuses across meshes): each process's part of the norm, weighted so that copies count once, summed in
+    one all-reduce over all processes; then every part scaled in place. Returns the whole gradient's norm."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    parts = [local_part(param.grad, world) for param in parameters if param.grad is not None]
+    total = torch.zeros((), device=parts[0][0].device if parts else None)
+    for part, weight in parts:
+        if math.isinf(norm_type):  # a maximum needs no weights: copies are equal
+            total = torch.maximum(total, part.detach().abs().max().float()) if part.numel() else total
+        else:
+            total += torch.linalg.vector_norm(part.detach(), norm_type, dtype=torch.float32) ** norm_type * weight
+    op = dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM
+    if world > 1:
+        dist.all_reduce(total, op=op)
+    total = total if math.isinf(norm_type) else total ** (1 / norm_type)
+    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for part, _ in parts:
+        part.mul_(scale.to(part.device, part.dtype))
     return total
 
 

@@ -1,4 +1,4 @@
-"""Self-attention that tensor parallelism can split by whole heads, and the one conversion to and from the plain layout.
+"""Self-attention that tensor parallelism can split by whole heads, with the plain network's weights.
 
 torchvision's ``nn.MultiheadAttention`` keeps q, k and v in one ``in_proj_weight`` parameter and its forward bypasses
 ``out_proj``'s; timm's ``Attention`` fuses them in one ``qkv`` Linear. Either way q, k and v are stacked outermost
