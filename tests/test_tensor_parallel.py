@@ -33,8 +33,9 @@ from imgcls.checkpoints import consolidate, join_state, split_state
 from imgcls.data.images import open_image
 from imgcls.inference.export import export
 from imgcls.inference.predictor import Predictor
+from imgcls.parallel.registry import register_strategies
 from imgcls.parallel.tensor_parallel import TensorParallelStrategy, make_splittable
-from imgcls.planner.cli import auto_fit
+from imgcls.planner.cli import auto_fit, configured_strategy
 
 REPORT = "tests/scripts/train_and_report.py"
 TINY_VIT = ["--model.backbone=timm/vit_tiny_patch16_224", "--model.backbone_kwargs={depth: 2, num_heads: 4}"]
@@ -209,6 +210,22 @@ def test_networks_tensor_parallelism_cannot_split_are_refused_before_any_process
         "error: --trainer.strategy.tensor_parallel_size 2: timm/vit_tiny_patch16_224's blocks have 3 heads and an "
         "MLP 768 wide; give a size that divides both"
     )
+    assert exit_message([*flags, *TINY_VIT, "--trainer.strategy=fsdp_tp4"]) == (
+        "error: --trainer.strategy.tensor_parallel_size 4: give a divisor of the 2 processes (--trainer.devices x "
+        "--trainer.num_nodes)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "split", "checkpoint"),
+    [("fsdp_tp", 2, False), ("fsdp_tp8_checkpointing", 8, True), ("fsdp", 1, False),
+     ({"class_path": "imgcls.parallel.tensor_parallel.TensorParallelStrategy",
+       "init_args": {"tensor_parallel_size": 4, "checkpoint_blocks": True}}, 4, True)],
+)  # fmt: skip
+def test_the_planner_reads_the_configured_split(value: object, split: int, checkpoint: bool) -> None:
+    register_strategies()
+    spec = configured_strategy(value, 8)
+    assert (spec.shard, spec.tensor_parallel, spec.checkpoint) == (True, split, checkpoint)
 
 
 def test_a_tensor_parallel_checkpoint_loads_partially_into_the_plain_network() -> None:

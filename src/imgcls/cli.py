@@ -34,7 +34,7 @@ from imgcls.model import MONITOR, ImageClassifier
 from imgcls.parallel.collectives import DEFAULT_TIMEOUT_S, apply_timeout, close, describe_failure, is_collective_failure
 from imgcls.parallel.fsdp2 import fp16_trainer_args
 from imgcls.parallel.registry import refuse_untested_strategy, register_strategies
-from imgcls.parallel.tensor_parallel import check_splittable, tensor_parallel_size
+from imgcls.parallel.tensor_parallel import TensorParallelStrategy, check_before_launch, tensor_parallel_size
 from imgcls.precision import warn_if_bf16_is_emulated
 from imgcls.resume import check_resumable, resolve_ckpt_path
 
@@ -235,15 +235,14 @@ class TrainCLI(LightningCLI):
         kwargs.update(fp16_trainer_args({**self.config_init.trainer, **kwargs}))
         strategy = kwargs.get("strategy", self.config_init.trainer.get("strategy"))
         refuse_untested_strategy(strategy)
-        split = tensor_parallel_size(strategy)
-        if split is not None:  # a backbone tensor parallelism cannot split: said before any process starts
-            hp = self.model.hparams
-            net = build_on_meta(lambda: create_backbone(hp.backbone, hp.num_classes, **self.model.backbone_kwargs))
-            check_splittable(net, split, hp.backbone, strategy if isinstance(strategy, str) else "")
         try:
             instance = super().instantiate_trainer(**kwargs)
         except ValueError as error:  # the Trainer refuses its settings (a GPU-only strategy on a CPU, ...)
             raise UserError(f"--trainer: {error}") from error
+        if isinstance(instance.strategy, TensorParallelStrategy):  # what it cannot split, said before processes start
+            hp = self.model.hparams
+            net = build_on_meta(lambda: create_backbone(hp.backbone, hp.num_classes, **self.model.backbone_kwargs))
+            check_before_launch(instance.strategy, net, hp.backbone, strategy if isinstance(strategy, str) else "")
         apply_timeout(instance.strategy, self.config.collective_timeout)
         warn_if_bf16_is_emulated(instance)
         return instance

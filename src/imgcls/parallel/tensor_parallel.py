@@ -79,18 +79,23 @@ class TensorParallelStrategy(FSDP2Strategy):
                 "--trainer.strategy.shard_group_size: hybrid sharding does not combine with tensor parallelism"
             )
         super().setup_environment()  # the process group, and FSDP2's mesh of all processes
+        self.check_processes(self.world_size)
         size = self.tensor_parallel_size
-        if not isinstance(size, int) or size < 1 or self.world_size % size:
-            raise UserError(
-                f"--trainer.strategy.tensor_parallel_size {size}: give a divisor of the {self.world_size} processes "
-                "(--trainer.devices x --trainer.num_nodes)"
-            )
         self._data_parallel_size, self._tensor_parallel_size = self.world_size // size, size
         # Made here, not by Lightning (whose init_device_mesh groups would wait 30 minutes, not --collective_timeout).
         # The data module and Lightning's sampler arguments read its data-parallel half: a split shares its batches.
         mesh = grid_mesh(self, size, ("data_parallel", "tensor_parallel"))
         set_device_mesh(self, mesh)
         self.shard_mesh = mesh["data_parallel"]
+
+    def check_processes(self, processes: int) -> None:
+        """Refuse a split size that does not divide ``processes``."""
+        size = self.tensor_parallel_size
+        if not isinstance(size, int) or size < 1 or processes % size:
+            raise UserError(
+                f"--trainer.strategy.tensor_parallel_size {size}: give a divisor of the {processes} processes "
+                "(--trainer.devices x --trainer.num_nodes)"
+            )
 
     def setup(self, trainer: Any) -> None:
         split_blocks(self.lightning_module, self.device_mesh["tensor_parallel"])
@@ -149,6 +154,13 @@ def check_splittable(net: nn.Module, size: int, name: str = "this network", flag
                 f"--trainer.strategy.tensor_parallel_size {size}: {name}'s blocks have {split.num_heads} heads and "
                 f"an MLP {first.out_features} wide; give a size that divides both"
             )
+
+
+def check_before_launch(strategy: TensorParallelStrategy, net: nn.Module, name: str, flag: str = "") -> None:
+    """What the strategy would refuse in every process, said once before any starts: a number of processes its
+    split size does not divide, or a network ``net`` (on the meta device: no memory) it cannot split."""
+    strategy.check_processes(strategy.num_nodes * strategy.num_processes)
+    check_splittable(net, strategy.tensor_parallel_size, name, flag)
 
 
 def tensor_parallel_size(strategy: Any) -> int | None:
