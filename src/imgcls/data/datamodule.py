@@ -15,7 +15,10 @@ from torchvision.transforms import v2
 
 from imgcls.data.checks import CheckedImageFolder, CheckImages, OnBadImage, check_splits, collate, raise_if_bad
 from imgcls.data.digits import write_digits
+from imgcls.data.layout import class_names, split_folders
+from imgcls.data.pixel_limit import too_large_setting
 from imgcls.data.torchvision_datasets import open_torchvision_splits
+from imgcls.data.trainable import per_device, refuse_empty_training, refuse_idle_epochs
 from imgcls.data.training_order import SeededSamples, TrainingOrder, derived_seed, seed_training_batch
 from imgcls.data.transforms import (
     IMAGENET_MEAN,
@@ -25,6 +28,7 @@ from imgcls.data.transforms import (
     build_transforms,
     normalize_batch,
 )
+from imgcls.data.walk import FolderWalk
 from imgcls.errors import UserError
 
 DIGITS_ROOT = Path("data/digits")
@@ -38,11 +42,12 @@ MIN_STEPS_PER_EPOCH = 16  # fewer, and a few hundred images get too few optimize
 
 
 def fitted_batch_size(images: int, devices: int) -> int:
-    """The default batch per device: 64, halved down to 8 until an epoch has at least 16 steps on ``devices``."""
+    """The default batch per device: 64, halved down to 8 until an epoch has at least 16 steps on ``devices``, and
+    never more than the images a device gets (else it would train 0 steps)."""
     size = MAX_BATCH_SIZE
     while size > MIN_BATCH_SIZE and images // (size * devices) < MIN_STEPS_PER_EPOCH:
         size //= 2
-    return size
+    return min(size, per_device(images, devices))
 
 
 def demo_defaults(root: str | None, dataset: str | None) -> dict[str, Any]:
@@ -130,7 +135,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             if not self.root.is_dir():
                 raise UserError(f"--data.root {self.root}: no such folder; point it at an ImageFolder tree")
             self.train_dir = self.root / "train" if (self.root / "train").is_dir() else self.root
-            self.class_names = _class_names(self.train_dir)
+            self.class_names = class_names(self.train_dir)
             if len(self.class_names) == 1:
                 raise UserError(
                     f"{self.train_dir}: a single class folder, {self.train_dir / self.class_names[0]}; a classifier "
@@ -174,41 +179,38 @@ class ImageFolderDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         if self.datasets:
             return
+        if too_large := too_large_setting(self.preprocess):
+            raise UserError(f"--data.{too_large}")
         train_tf = build_transforms(train=True, augment=self.augment, normalize=False, **self.preprocess)
         eval_tf = build_transforms(train=False, normalize=False, **self.preprocess)
         if self.hparams.dataset is not None:  # torchvision datasets hand over images as stored: MNIST's are gray
             train_tf, eval_tf = v2.Compose([v2.RGB(), train_tf]), v2.Compose([v2.RGB(), eval_tf])
         sources = self.sources or self._folders()
         train, val, test = sources["train"], sources.get("val"), sources.get("test")
+        source = str(self.train_dir) if not self.sources else f"--data.dataset {self.hparams.dataset} in {self.root}"
+        n_val = 0  # held out of train
         if val is None:
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.hparams.seed)).tolist()
             n_val = max(1, round(len(train) * self.hparams.val_fraction))
+            refuse_empty_training(len(train), n_val, self.hparams.val_fraction, source, folder=not self.sources)
             val = Subset(_with_transform(train, eval_tf), order[:n_val])
             train = Subset(_with_transform(train, train_tf), order[n_val:])
         else:
             train, val = _with_transform(train, train_tf), _with_transform(val, eval_tf)
         test = _with_transform(test, eval_tf) if test is not None else val
         self.datasets = {"train": train, "val": val, "test": test}
+        devices = self.trainer.world_size if self.trainer else 1
         if self.batch_size is None:
-            self.batch_size = fitted_batch_size(len(train), self.trainer.world_size if self.trainer else 1)
+            self.batch_size = fitted_batch_size(len(train), devices)
+        refuse_idle_epochs(len(train), self.batch_size, devices, source, n_val)
 
     def _folders(self) -> dict[str, Dataset]:
         """The ImageFolder splits: ``train``, and ``val``/``test`` where ``root`` has them beside ``train``."""
-        folders = {"train": CheckedImageFolder(self.train_dir)}
-        for split in ("val", "test"):
-            path = self.root / split
-            if self.train_dir != self.root and path.is_dir():
-                found = _class_names(path)
-                if found != self.class_names:
-                    missing = [str(self.train_dir / name) for name in self.class_names if name not in found]
-                    extra = [str(path / name) for name in found if name not in self.class_names]
-                    differences = [f"no {path.name} folder for {', '.join(missing)}"] if missing else []
-                    differences += [f"{', '.join(extra)} not in {self.train_dir}"] if extra else []
-                    raise UserError(
-                        f"{path}: its class folders differ from the training classes ({'; '.join(differences)}); "
-                        f"give {path} the same class folders as {self.train_dir}"
-                    )
-                folders[split] = CheckedImageFolder(path)
+        walk, resize_size = FolderWalk(), self.preprocess["resize_size"]  # one walk: a file read in two splits
+        folders = {
+            split: CheckedImageFolder(path, walk, split, resize_size)
+            for split, path in split_folders(self.root, self.train_dir, self.class_names).items()
+        }
         check_splits(folders, self.hparams.check_images, self.hparams.on_bad_image, self._workers())
         return folders
 
@@ -295,13 +297,6 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
-
-
-def _class_names(folder: Path) -> list[str]:
-    names = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())  # as ImageFolder sorts them
-    if not names:
-        raise UserError(f"{folder}: no class folders; put images in {folder}/<class name>/")
-    return names
 
 
 class PaddedForRanks(Dataset):

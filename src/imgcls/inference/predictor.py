@@ -9,9 +9,10 @@ from torch import nn
 
 from imgcls.backbones.factory import create_backbone
 from imgcls.checkpoints import ModelSpec, load_checkpoint
+from imgcls.data.pixel_limit import too_large, too_large_setting
 from imgcls.data.transforms import build_transforms
 from imgcls.errors import UserError
-from imgcls.inference.exported import is_bundle, read_bundle
+from imgcls.inference.exported import MANIFEST, is_bundle, read_bundle
 
 Prediction = list[tuple[str, float]]  # (class name, probability), most likely first
 
@@ -74,6 +75,9 @@ class Predictor:
     def __init__(self, source: str | Path, device: str = "cpu") -> None:
         self.spec, weights = load_weights(source)
         self.class_names = self.spec.class_names
+        if setting := too_large_setting(self.spec.preprocess):  # before anything is built to that size
+            described = Path(source) / MANIFEST if is_bundle(Path(source).expanduser()) else source
+            raise UserError(f"{described}: refused, its preprocess {setting}; correct it, or use another model")
         try:
             self.transform = build_transforms(train=False, **self.spec.preprocess)
         except (TypeError, ValueError) as error:
@@ -87,8 +91,18 @@ class Predictor:
             raise UserError(f"{source}: its weights do not fit {expected} ({summary})") from error
         self.net = net.to(self.device)
 
+    def too_large(self, image: Image.Image) -> str | None:
+        """Why preprocessing ``image`` would make it larger than Pillow's decompression-bomb limit, or ``None``."""
+        return too_large(image, self.spec.preprocess["resize_size"])
+
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
-        """Turn RGB images into the batch the network takes, ``(B, 3, crop_size, crop_size)``, on the device."""
+        """Turn RGB images into the batch the network takes, ``(B, 3, crop_size, crop_size)``, on the device.
+
+        An image that resizing would make too large raises ``UserError``, before any is resized.
+        """
+        for index, image in enumerate(images):
+            if reason := self.too_large(image):
+                raise UserError(f"image {index} of the batch: refused, {reason}")
         return torch.stack([self.transform(image) for image in images]).to(self.device)
 
     @torch.inference_mode()
