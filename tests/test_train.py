@@ -10,6 +10,9 @@ from helpers import QUICK, REPO, run, train
 
 def test_training_writes_checkpoints_config_and_logs(trained: Path) -> None:
     assert {p.name for p in (trained / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
+    # The digits improve in their second epoch, so the last state is the best: one file under both names, not two.
+    best, last = (trained / "checkpoints" / f"{name}.ckpt" for name in ("best", "last"))
+    assert best.samefile(last) and torch.load(last, weights_only=True, mmap=True)["epoch"] == 1
     assert list(trained.glob("events.out.tfevents.*"))
     config = yaml.safe_load((trained / "config.yaml").read_text())
     assert config["model"]["backbone"] == "resnet18"
