@@ -116,7 +116,7 @@ def test_config_files_in_configs_parse(config: str, capsys: pytest.CaptureFixtur
     [
         ("--data.root=/no/such/folder", "error: --data.root /no/such/folder: no such folder"),
         ("--model.backbone=resnet19", "did you mean resnet18"),
-        ("--data.std=[0.2,0,0.2]", "error: --data.std [0.2, 0.0, 0.2]: every channel's must be above 0"),
+        ("--data.std=[0.2,0,0.2]", "error: --data.std [0.2,0,0.2]: expected a list of 3 values, each a number above 0"),
     ],
 )
 def test_user_mistakes_get_one_line_errors(tmp_path: Path, flag: str, message: str) -> None:

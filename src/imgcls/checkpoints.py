@@ -36,7 +36,9 @@ class ModelSpec:
         """Read ``hparams``; a ``UserError`` naming ``source`` if they are not an ImageClassifier's."""
         names, kwargs = hparams.get("class_names"), hparams.get("backbone_kwargs") or {}
         if not isinstance(names, list | tuple) or not names or not all(isinstance(name, str) for name in names):
-            raise UserError(f"{source}: its class_names are {names!r}, not a list of class names")
+            raise UserError(
+                f"{source}: its class_names are {names!r}, not a list of class names (one string per class)"
+            )
         if not isinstance(hparams.get("backbone"), str) or not isinstance(kwargs, Mapping):
             raise UserError(f"{source}: not a checkpoint of this project's ImageClassifier (no backbone)")
         if not isinstance(hparams.get("preprocess"), Mapping):
@@ -114,9 +116,34 @@ def consolidate(shards: str | Path, output: str | Path) -> Path:
     checkpoint.pop("optimizer_states", None)
     tmp = output.with_name(f".{output.name}.tmp")
     output.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, tmp)
-    tmp.replace(output)  # atomic: a crash leaves the old file or the new one, never half of one
+    try:
+        with open(tmp, "wb") as file:  # a Python file: torch's own file writer fails without the OS's reason
+            torch.save(checkpoint, file)
+        tmp.replace(output)  # atomic: a crash leaves the old file or the new one, never half of one
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        failure = write_failure(output, error, then="consolidate again")
+        if failure is None:
+            raise
+        raise failure from error
     return output
+
+
+def write_failure(path: Path, error: BaseException, then: str = "resume with --ckpt_path last") -> UserError | None:
+    """A one-line error for a checkpoint that the system refused to write (a full disk, a quota, ``ulimit -f``),
+    saying to make room and ``then``; ``None`` for any other failure.
+
+    torch.save's zip writer meets the OSError and then fails again on closing: the OSError is the first exception
+    of the chain, the one that says why.
+    """
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    if error is None:
+        return None
+    return UserError(
+        f"{path}: the checkpoint could not be written ({error.strerror or error}); the one before, if any, is "
+        f"unchanged: make room (disk space, quota, ulimit -f), then {then}"
+    )
 
 
 def _load_sharded(path: Path) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, PositiveInt
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
@@ -44,11 +45,11 @@ class ImageClassifier(L.LightningModule):
         num_classes: Number of classes; linked from the data module by the CLI.
         class_names: Class names in label order; linked from the data module and saved for prediction.
         preprocess: The data module's evaluation preprocessing; saved so prediction matches validation.
-        label_smoothing: Cross-entropy label smoothing.
+        label_smoothing: Cross-entropy label smoothing, from 0 (none) to 1.
         optimizer: Builds the optimizer from the parameters.
         lr_scheduler: Builds a scheduler stepped once per epoch; ``None`` uses linear warmup and cosine decay,
             stepped per batch.
-        warmup_fraction: Share of all training steps spent in warmup by the default schedule.
+        warmup_fraction: Share of all training steps spent in warmup by the default schedule, from 0 to 1.
         channels_last: Keep weights and images in channels-last memory order, which tensor cores want for
             convolutions under 16-bit precision on GPUs.
         compile: ``torch.compile`` the network: ``true``, or its keyword arguments, e.g. ``{mode: max-autotune}``.
@@ -65,14 +66,14 @@ class ImageClassifier(L.LightningModule):
         pretrained_prefix: str | None = None,
         pretrained_strict: bool = False,
         freeze_backbone: bool = False,
-        backbone_lr_scale: float = 1.0,
-        num_classes: int = 1000,
+        backbone_lr_scale: NonNegativeFloat = 1.0,
+        num_classes: PositiveInt = 1000,
         class_names: list[str] | None = None,
         preprocess: dict[str, Any] | None = None,
-        label_smoothing: float = 0.0,
+        label_smoothing: ClosedUnitInterval = 0.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
-        warmup_fraction: float = 0.1,
+        warmup_fraction: ClosedUnitInterval = 0.1,
         channels_last: bool = False,
         compile: bool | dict[str, Any] = False,
     ) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from imgcls.checkpoints import LAST, ModelSpec, latest_checkpoint, read_metadata
@@ -56,16 +57,21 @@ def resolve_ckpt_path(value: str | None, trainer: L.Trainer) -> str | None:
     return str(found)
 
 
-def check_resumable(path: str, hparams: dict[str, Any]) -> dict[str, Any]:
-    """Refuse a checkpoint that is missing, unreadable, unsafe, or of another network or other classes than
-    ``hparams`` (the model's), before Lightning loads it; each with a one-line ``UserError``. Return its metadata
-    (everything but the weights and optimizer states)."""
+def check_resumable(path: str, hparams: dict[str, Any], strategy: Strategy) -> dict[str, Any]:
+    """Refuse a checkpoint that is missing, unreadable, unsafe, of another network or other classes than
+    ``hparams`` (the model's), or a sharded folder that ``strategy`` cannot read, before Lightning loads it; each
+    with a one-line ``UserError``. Return its metadata (everything but the weights and optimizer states)."""
     try:
         metadata = read_metadata(path)
     except UserError as error:
         raise UserError(f"--ckpt_path {error}") from error
     saved = metadata.get("hyper_parameters")
     fresh = f"or start a new run from its weights with --model.pretrained {path}"
+    if Path(path).expanduser().is_dir() and type(strategy).load_checkpoint is Strategy.load_checkpoint:
+        raise UserError(  # Lightning's single-file reader would open the folder as a file: IsADirectoryError
+            f"--ckpt_path {path}: a sharded checkpoint (a folder), which only a sharded strategy resumes; add "
+            f"--trainer.strategy=fsdp (at any number of devices), {fresh}"
+        )
     if not isinstance(saved, dict) or "backbone" not in saved:
         raise UserError(f"--ckpt_path {path}: not a checkpoint of this project's ImageClassifier; {fresh}")
     theirs, ours = ModelSpec.from_hparams(saved, f"--ckpt_path {path}"), ModelSpec.from_hparams(hparams, "the model")

@@ -9,6 +9,14 @@ from typing import Any
 
 import lightning as L
 import torch
+from jsonargparse.typing import (
+    ClosedUnitInterval,
+    NonNegativeFloat,
+    NonNegativeInt,
+    OpenUnitInterval,
+    PositiveFloat,
+    PositiveInt,
+)
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.transforms import v2
@@ -24,6 +32,7 @@ from imgcls.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Augment,
+    Interpolation,
     build_batch_mix,
     build_transforms,
     normalize_batch,
@@ -70,8 +79,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         dataset: A torchvision dataset class (``CIFAR10``, ``MNIST``, ``Flowers102``, ...) to read from ``root``
             instead of class folders. Its test split, if any, is the test set.
         download: Let the torchvision dataset download itself into ``root`` when missing.
-        val_fraction: Share of the training images held out for validation when ``root`` has no ``val``
-            folder (a seeded split). Without a ``test`` folder, testing uses the validation images.
+        val_fraction: Share of the training images (above 0, below 1) held out for validation when ``root`` has
+            no ``val`` folder (a seeded split). Without a ``test`` folder, testing uses the validation images.
         batch_size: Images per batch and per device; ``None`` fits it to the data: 64, or less for small datasets
             (halved down to 8 until an epoch has at least 16 steps).
         num_workers: Loader processes per device; ``None`` uses the CPUs this process may run on.
@@ -82,12 +91,12 @@ class ImageFolderDataModule(L.LightningDataModule):
             ``crop_size * 8 / 7`` (``crop_size`` for the digits).
         mean: Per-channel normalisation mean (RGB).
         std: Per-channel normalisation standard deviation (RGB).
-        interpolation: Resize interpolation (``bilinear``, ``bicubic``, ``nearest``).
+        interpolation: Resize interpolation: ``bilinear``, ``bicubic``, ``nearest`` or ``lanczos``.
         augment: Training augmentation preset: ``none``, ``basic`` (random resized crop and flip), ``strong``
             (``basic`` with TrivialAugment and random erasing); ``None`` is ``basic`` (``none`` for the digits).
         mixup_alpha: MixUp's Beta(alpha, alpha) mixing strength for training batches; 0 disables it.
         cutmix_alpha: CutMix's strength for training batches; 0 disables it. With both, each batch gets one.
-        mix_prob: Share of training batches that are mixed when MixUp or CutMix is enabled.
+        mix_prob: Share of training batches (0 to 1) that are mixed when MixUp or CutMix is enabled.
         balanced_sampling: Draw training images so every class is equally frequent (with replacement).
         seed: Seed of the train/val split and of the training order; the augmentation's depends on it and on
             ``--seed_everything`` (``imgcls.data.training_order``).
@@ -102,20 +111,20 @@ class ImageFolderDataModule(L.LightningDataModule):
         root: str | None = None,
         dataset: str | None = None,
         download: bool = False,
-        val_fraction: float = 0.1,
-        batch_size: int | None = None,
-        num_workers: int | None = None,
+        val_fraction: OpenUnitInterval = 0.1,
+        batch_size: PositiveInt | None = None,
+        num_workers: NonNegativeInt | None = None,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
-        crop_size: int | None = None,
-        resize_size: int | None = None,
+        crop_size: PositiveInt | None = None,
+        resize_size: PositiveInt | None = None,
         mean: tuple[float, float, float] | None = None,
-        std: tuple[float, float, float] | None = None,
-        interpolation: str | None = None,
+        std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None = None,
+        interpolation: Interpolation | None = None,
         augment: Augment | None = None,
-        mixup_alpha: float = 0.0,
-        cutmix_alpha: float = 0.0,
-        mix_prob: float = 1.0,
+        mixup_alpha: NonNegativeFloat = 0.0,
+        cutmix_alpha: NonNegativeFloat = 0.0,
+        mix_prob: ClosedUnitInterval = 1.0,
         balanced_sampling: bool = False,
         seed: int = 0,
         check_images: CheckImages = "header",

@@ -59,6 +59,11 @@ def read_bundle(directory: Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
         weights = directory / manifest["files"]["state_dict"]
     except (ValueError, KeyError, TypeError) as error:
         raise UserError(f"{source}: not an exported model description ({error!r})") from error
+    if not isinstance(manifest.get("arch_kwargs", {}), dict):
+        raise UserError(
+            f"{source}: its arch_kwargs are {manifest['arch_kwargs']!r}, not a mapping of the builder's arguments such "
+            'as {"image_size": 384} ({} for none); correct it there, or export again with export.py'
+        )
     spec = ModelSpec.from_hparams(
         {**manifest, "backbone": arch, "backbone_kwargs": manifest.get("arch_kwargs")}, source
     )
