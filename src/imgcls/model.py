@@ -3,6 +3,7 @@
 import functools
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -18,6 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from imgcls.backbones import finetuning
 from imgcls.backbones.factory import create_backbone
 from imgcls.backbones.weights import Pretrained, resolve_weights
+from imgcls.checkpoints import ModelSpec, read_metadata
 from imgcls.data.datamodule import IGNORE_INDEX
 from imgcls.parallel.blocks import compile_blocks, uncompile_blocks
 from imgcls.parallel.deferred_init import build_deferred
@@ -104,6 +106,14 @@ class ImageClassifier(L.LightningModule):
         # The mean loss of each stage's epoch, weighted by the images each batch really holds (no NaN check: it
         # would make the host wait for the device every step).
         self.train_loss, self.val_loss, self.test_loss = (MeanMetric(nan_strategy="disable") for _ in range(3))
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> "ImageClassifier":
+        """Lightning's, once the file is known to describe a network that builds without loading or downloading
+        anything (``imgcls.checkpoints.ModelSpec.refuse_loading``): it is built from the file's hyperparameters."""
+        if isinstance(checkpoint_path, str | Path):
+            ModelSpec.from_hparams(read_metadata(checkpoint_path).get("hyper_parameters") or {}, checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def configure_model(self) -> None:
         if self.net is None:

@@ -74,7 +74,10 @@ def check_resumable(path: str, hparams: dict[str, Any], strategy: Strategy) -> d
         )
     if not isinstance(saved, dict) or "backbone" not in saved:
         raise UserError(f"--ckpt_path {path}: not a checkpoint of this project's ImageClassifier; {fresh}")
-    theirs, ours = ModelSpec.from_hparams(saved, f"--ckpt_path {path}"), ModelSpec.from_hparams(hparams, "the model")
+    theirs, ours = (
+        ModelSpec.from_hparams(saved, f"--ckpt_path {path}"),
+        ModelSpec.from_hparams(hparams, "the model", trusted=True),
+    )
     if theirs.architecture != ours.architecture:
         raise UserError(
             f"--ckpt_path {path}: a {theirs.architecture} checkpoint, but the model is a {ours.architecture}; "
