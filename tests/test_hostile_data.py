@@ -22,8 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.datasets import ImageFolder
 
 from imgcls.data.checks import CheckedImageFolder
-from imgcls.data.datamodule import fitted_batch_size
-from imgcls.data.trainable import refuse_idle_epochs
+from imgcls.data.trainable import fitted_batch_size, refuse_idle_epochs
 from imgcls.errors import UserError
 from imgcls.inference.exported import MANIFEST, write_bundle
 from imgcls.inference.predictor import Predictor, load_weights

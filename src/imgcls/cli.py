@@ -28,7 +28,8 @@ from imgcls.callbacks.preemption import EXIT_SIGTERM, Preemption
 from imgcls.callbacks.tensorboard import SaveConfigAndHparams
 from imgcls.checkpoints import BEST, LOGS
 from imgcls.compat.lightning import quiet_known_warnings
-from imgcls.data.datamodule import DEFAULT_CROP_SIZE, ImageFolderDataModule, demo_defaults
+from imgcls.data.datamodule import DEFAULT_CROP_SIZE, ImageFolderDataModule
+from imgcls.data.digits import demo_defaults
 from imgcls.errors import UsageError, UserError, exit_with
 from imgcls.model import MONITOR, ImageClassifier
 from imgcls.parallel.collectives import DEFAULT_TIMEOUT_S, apply_timeout, close, describe_failure, is_collective_failure

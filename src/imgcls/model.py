@@ -20,7 +20,7 @@ from imgcls.backbones import finetuning
 from imgcls.backbones.factory import create_backbone
 from imgcls.backbones.weights import Pretrained, resolve_weights
 from imgcls.checkpoints import ModelSpec, read_metadata
-from imgcls.data.datamodule import IGNORE_INDEX
+from imgcls.data.padding import IGNORE_INDEX
 from imgcls.parallel.blocks import compile_blocks, uncompile_blocks
 from imgcls.parallel.deferred_init import build_deferred
 from imgcls.parallel.fsdp2 import FSDP2Strategy
@@ -161,7 +161,7 @@ class ImageClassifier(L.LightningModule):
             count, loss = len(targets), F.cross_entropy(logits, targets, label_smoothing=smoothing)
             # The global batch's loss: reduced over the processes now, in the step every process runs.
             self.log("train/loss_step", loss, on_step=True, on_epoch=False, sync_dist=True, prog_bar=True)
-        else:  # on several devices evaluation carries padding labelled IGNORE_INDEX (see PaddedForRanks): skip it
+        else:  # on several devices evaluation carries padding labelled IGNORE_INDEX (imgcls.data.padding): skip it
             count = int((targets != IGNORE_INDEX).sum())
             loss = F.cross_entropy(logits, targets, label_smoothing=smoothing, reduction="sum") / max(count, 1)
         getattr(self, f"{stage}_metrics").update(logits, targets.argmax(dim=1) if targets.ndim == 2 else targets)

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure  # imported with the callback, before imgcl
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from imgcls.callbacks.tensorboard import tensorboard
-from imgcls.data.datamodule import IGNORE_INDEX
+from imgcls.data.padding import IGNORE_INDEX
 from imgcls.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 Sample = tuple[torch.Tensor, int, int]  # (image (3, H, W) as the model saw it, predicted label, true label)

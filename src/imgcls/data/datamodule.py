@@ -22,12 +22,19 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.transforms import v2
 
 from imgcls.data.checks import CheckedImageFolder, CheckImages, OnBadImage, check_splits, collate, raise_if_bad
-from imgcls.data.digits import write_digits
+from imgcls.data.digits import DIGITS_ROOT, demo_defaults, write_digits
 from imgcls.data.layout import class_names, split_folders
+from imgcls.data.padding import PaddedForRanks
 from imgcls.data.pixel_limit import too_large_setting
 from imgcls.data.torchvision_datasets import open_torchvision_splits
-from imgcls.data.trainable import per_device, refuse_empty_training, refuse_idle_epochs
-from imgcls.data.training_order import SeededSamples, TrainingOrder, derived_seed, seed_training_batch
+from imgcls.data.trainable import MAX_BATCH_SIZE, fitted_batch_size, refuse_empty_training, refuse_idle_epochs
+from imgcls.data.training_order import (
+    SeededSamples,
+    TrainingOrder,
+    balanced_weights,
+    derived_seed,
+    seed_training_batch,
+)
 from imgcls.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -40,28 +47,7 @@ from imgcls.data.transforms import (
 from imgcls.data.walk import FolderWalk
 from imgcls.errors import UserError
 
-DIGITS_ROOT = Path("data/digits")
-IGNORE_INDEX = -100  # the label of padding: cross_entropy's default ignore_index, and the metrics' too
 DEFAULT_CROP_SIZE = 224
-# The embedded digits are 8x8 pixels: 32-pixel crops of the whole digit, no augmentation. Only for them: a
-# --data.root gets the above.
-DIGITS_DEFAULTS = {"crop_size": 32, "augment": "none"}
-MAX_BATCH_SIZE, MIN_BATCH_SIZE = 64, 8  # the range the default batch size is fitted in
-MIN_STEPS_PER_EPOCH = 16  # fewer, and a few hundred images get too few optimizer steps in a handful of epochs
-
-
-def fitted_batch_size(images: int, devices: int) -> int:
-    """The default batch per device: 64, halved down to 8 until an epoch has at least 16 steps on ``devices``, and
-    never more than the images a device gets (else it would train 0 steps)."""
-    size = MAX_BATCH_SIZE
-    while size > MIN_BATCH_SIZE and images // (size * devices) < MIN_STEPS_PER_EPOCH:
-        size //= 2
-    return min(size, per_device(images, devices))
-
-
-def demo_defaults(root: str | None, dataset: str | None) -> dict[str, Any]:
-    """The settings unset options take for the embedded digits (no ``root``); ``{}`` for anyone's own data."""
-    return DIGITS_DEFAULTS if root is None and dataset is None else {}
 
 
 class ImageFolderDataModule(L.LightningDataModule):
@@ -69,7 +55,8 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     Preprocessing left at ``None`` is filled in by the CLI from the backbone's pretrained weights; what is still
     unset follows ImageNet's convention: a ``DEFAULT_CROP_SIZE`` crop, bilinear, ImageNet mean and std, ``basic``
-    augmentation. The embedded digits (no ``root``) take ``DIGITS_DEFAULTS`` instead, resized to the crop.
+    augmentation. The embedded digits (no ``root``) take ``imgcls.data.digits.DIGITS_DEFAULTS`` instead, resized to
+    the crop.
 
     The datasets and loaders give uint8 images; ``on_after_batch_transfer`` normalises each batch on the device
     (``imgcls.data.transforms.normalize_batch``), which is faster than per image in the loader processes.
@@ -237,10 +224,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         if split == "train":
             # A seeded order at every world size: the global batches are the same images in the same order on 1 device
             # or on 8, so a run can move between machines, resume anywhere (see TrainingOrder), and stay comparable.
-            weights = None
-            if self.hparams.balanced_sampling:  # seeded draws, with replacement, the same on every rank
-                labels = _labels(dataset)
-                weights = (1.0 / torch.bincount(labels, minlength=self.num_classes).clamp(min=1))[labels].double()
+            weights = balanced_weights(dataset, self.num_classes) if self.hparams.balanced_sampling else None
             sampler = self.training_order = TrainingOrder(
                 dataset, world, rank, self.hparams.seed, self.augment_seed, weights
             )
@@ -306,31 +290,6 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
-
-
-class PaddedForRanks(Dataset):
-    """``dataset`` padded to a multiple of ``world`` with copies of its first image labelled ``IGNORE_INDEX``."""
-
-    def __init__(self, dataset: Dataset, world: int) -> None:
-        self.dataset, self.size = dataset, len(dataset)
-        self.padded = -(-self.size // world) * world
-
-    def __len__(self) -> int:
-        return self.padded
-
-    def __getitem__(self, index: int) -> Any:
-        if index < self.size:
-            return self.dataset[index]
-        return self.dataset[0][0], IGNORE_INDEX
-
-
-def _labels(dataset: Dataset) -> torch.Tensor:
-    """The class index of every sample, from the dataset's ``targets``, without opening images."""
-    base, indices = (dataset.dataset, dataset.indices) if isinstance(dataset, Subset) else (dataset, None)
-    if getattr(base, "targets", None) is None:
-        raise UserError("--data.balanced_sampling: this dataset does not list its labels (no .targets)")
-    targets = torch.as_tensor(base.targets)
-    return targets if indices is None else targets[torch.as_tensor(indices)]
 
 
 def _with_transform(images: Dataset, transform: Any) -> Dataset:

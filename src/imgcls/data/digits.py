@@ -3,12 +3,22 @@
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 SPLITS = {"train": 0.7, "val": 0.15, "test": 0.15}
 SEED = 0
+DIGITS_ROOT = Path("data/digits")  # where train.py writes them, in the folder it runs in
+# The digits are 8x8 pixels: 32-pixel crops of the whole digit, no augmentation. Only for them: a --data.root gets
+# the data module's defaults.
+DIGITS_DEFAULTS = {"crop_size": 32, "augment": "none"}
+
+
+def demo_defaults(root: str | None, dataset: str | None) -> dict[str, Any]:
+    """The settings unset options take for the embedded digits (no ``root``); ``{}`` for anyone's own data."""
+    return DIGITS_DEFAULTS if root is None and dataset is None else {}
 
 
 def write_digits(root: str | Path) -> Path:

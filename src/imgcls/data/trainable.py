@@ -1,13 +1,25 @@
-"""Too few images to train on: refused at setup, before a run trains nothing and tests an untrained network.
+"""How much training the images allow: the default batch size fitted to them, and too few images refused.
 
 Lightning runs epochs of 0 training steps without a word when the training split is empty, or smaller than one batch
 per device (the training loader drops its last, incomplete batch); then it tests the network as initialised, writes
-no checkpoint and exits with status 0.
+no checkpoint and exits with status 0. Here such a split is refused at setup.
 """
 
 import math
 
 from imgcls.errors import UserError
+
+MAX_BATCH_SIZE, MIN_BATCH_SIZE = 64, 8  # the range the default batch size is fitted in
+MIN_STEPS_PER_EPOCH = 16  # fewer, and a few hundred images get too few optimizer steps in a handful of epochs
+
+
+def fitted_batch_size(images: int, devices: int) -> int:
+    """The default batch per device: 64, halved down to 8 until an epoch has at least 16 steps on ``devices``, and
+    never more than the images a device gets (else it would train 0 steps)."""
+    size = MAX_BATCH_SIZE
+    while size > MIN_BATCH_SIZE and images // (size * devices) < MIN_STEPS_PER_EPOCH:
+        size //= 2
+    return min(size, per_device(images, devices))
 
 
 def per_device(images: int, devices: int) -> int:
