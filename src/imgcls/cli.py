@@ -21,7 +21,7 @@ from imgcls import runtime
 from imgcls.backbones.input_size import settle_input_size
 from imgcls.backbones.weights import resolve_weights
 from imgcls.callbacks.checkpointing import BestAndLast
-from imgcls.callbacks.crash_safe import CrashSafeCheckpoints, check_writable
+from imgcls.callbacks.crash_safe import CrashSafeCheckpoints, check_output_folders
 from imgcls.callbacks.inspection import ParameterInspector
 from imgcls.callbacks.nonfinite import NonFiniteLoss
 from imgcls.callbacks.preemption import EXIT_SIGTERM, Preemption
@@ -124,8 +124,7 @@ def fit_and_test(cli: "TrainCLI") -> None:
         # Where the data left off. Lightning restores it too, but sharded strategies build the training loader
         # before they restore (Lightning #20550): given now, it is there in time for every strategy.
         cli.datamodule.load_state_dict(saved.get(type(cli.datamodule).__qualname__, {}))
-    for flag, folder in output_folders(trainer).items():
-        check_writable(folder, flag)
+    check_output_folders(trainer)
     trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
     best = trainer.checkpoint_callback.best_model_path
     trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best or None, weights_only=True)
@@ -135,19 +134,6 @@ def fit_and_test(cli: "TrainCLI") -> None:
         print(f"config:      {log_dir / 'config.yaml'}")
         print(f"tensorboard: tensorboard --logdir {log_dir}")
     close(trainer.strategy)  # Lightning leaves the process groups open
-
-
-def output_folders(trainer: Trainer) -> dict[str, Path]:
-    """The local folders a run writes, by the flag that sets each: its logger's and its checkpoints'."""
-    folders, callback = {}, trainer.checkpoint_callback
-    if trainer.logger is not None and trainer.logger.save_dir:
-        folders["--trainer.logger.save_dir"] = str(trainer.logger.save_dir)
-    if callback is not None and callback.dirpath:
-        folders["--checkpoint.dirpath"] = str(callback.dirpath)
-    elif callback is not None and trainer.logger is None:  # Lightning's default: <default_root_dir>/checkpoints
-        folders["--trainer.default_root_dir"] = str(trainer.default_root_dir)
-    remote = {flag for flag, folder in folders.items() if "://" in folder}  # s3:// and the like: fsspec's to check
-    return {flag: Path(folder) for flag, folder in folders.items() if flag not in remote}
 
 
 # What --help shows of Lightning's long flag lists (the Trainer's ~50, ModelCheckpoint's ~15); --help_all shows all.

@@ -63,6 +63,20 @@ def check_writable(folder: Path, flag: str) -> None:
         ) from error
 
 
+def check_output_folders(trainer: L.Trainer) -> None:
+    """``check_writable`` for each local folder the run writes: its logger's and its checkpoints'."""
+    folders, callback = {}, trainer.checkpoint_callback
+    if trainer.logger is not None and trainer.logger.save_dir:
+        folders["--trainer.logger.save_dir"] = str(trainer.logger.save_dir)
+    if callback is not None and callback.dirpath:
+        folders["--checkpoint.dirpath"] = str(callback.dirpath)
+    elif callback is not None and trainer.logger is None:  # Lightning's default: <default_root_dir>/checkpoints
+        folders["--trainer.default_root_dir"] = str(trainer.default_root_dir)
+    for flag, folder in folders.items():
+        if "://" not in folder:  # s3:// and the like: fsspec's to check
+            check_writable(Path(folder), flag)
+
+
 class CrashSafeCheckpoints(L.Callback):
     """Installs ``AtomicCheckpointIO``, unless the user configured a CheckpointIO plugin of their own."""
 
