@@ -1,7 +1,7 @@
 """End to end: `python train.py` against the plain PyTorch script of the same recipe, as whole processes.
 
-    python benchmarks/end_to_end.py                       # 5 pairs, seeds 0-4
-    python benchmarks/end_to_end.py --seeds 0 1 2 -- --trainer.max_epochs=2   # flags after -- go to train.py
+    python benchmarks/end_to_end.py                       # 5 pairs, seeds 0-4, 5 epochs
+    python benchmarks/end_to_end.py --seeds 0 1 --epochs 2 -- --data.num_workers=0   # flags after -- go to train.py
 
 What a user compares: the time from typing the command to a tested model, and its test accuracy. The template is
 `python train.py` with its defaults (resnet18 on the embedded digits, every default feature on); the baseline is
@@ -28,12 +28,18 @@ GOAL_RATIO, GOAL_POINTS = 1.05, 0.3
 TEST_ACC = {"template": r"test/acc\s*│\s*([0-9.]+)", "plain": r"test acc ([0-9.]+)"}
 
 
-def run(side: str, seed: int, folder: Path, extra: list[str]) -> tuple[float, float]:
+def run(side: str, seed: int, epochs: int, folder: Path, extra: list[str]) -> tuple[float, float]:
     """Wall seconds of one whole process, and the test accuracy it printed."""
     if side == "template":
-        command = [str(REPO / "train.py"), f"--seed_everything={seed}", f"--data.seed={seed}", *extra]
+        command = [str(REPO / "train.py"), f"--seed_everything={seed}", f"--data.seed={seed}",
+                   f"--trainer.max_epochs={epochs}", *extra]  # fmt: skip
     else:
-        command = [str(REPO / "benchmarks" / "plain_train.py"), str(DIGITS_ROOT), f"--seed={seed}"]
+        command = [
+            str(REPO / "benchmarks" / "plain_train.py"),
+            str(DIGITS_ROOT),
+            f"--seed={seed}",
+            f"--epochs={epochs}",
+        ]
     start = time.perf_counter()
     result = subprocess.run([sys.executable, *command], cwd=folder, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -46,6 +52,7 @@ def run(side: str, seed: int, folder: Path, extra: list[str]) -> tuple[float, fl
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="one pair per seed")
+    parser.add_argument("--epochs", type=int, default=5, help="training epochs of both sides (train.py's default)")
     parser.add_argument("train_args", nargs="*", help="flags for train.py, after --")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as name:
@@ -56,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         pairs = []
         for index, seed in enumerate(args.seeds):
             sides = ("template", "plain") if index % 2 == 0 else ("plain", "template")
-            timed = {side: run(side, seed, folder, args.train_args) for side in sides}
+            timed = {side: run(side, seed, args.epochs, folder, args.train_args) for side in sides}
             (t, t_acc), (p, p_acc) = timed["template"], timed["plain"]
             pairs.append((t, p, t_acc, p_acc))
             print(f"  {seed:>4} {t:10.1f} {p:8.1f} {t / p:6.3f} {t_acc:12.4f} {p_acc:9.4f}", flush=True)
