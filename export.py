@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     import torch  # imported after parsing, so --help and usage errors answer at once
+    from PIL import Image
 
     from imgcls.checkpoints import latest_checkpoint
     from imgcls.data.images import open_image
@@ -49,8 +50,10 @@ def main(argv: list[str] | None = None) -> None:
             for path in find_images(args.images):
                 try:
                     images.append(open_image(path))
-                except OSError as error:
+                except (OSError, Image.DecompressionBombError) as error:
                     raise UserError(f"--images {path}: not a readable image ({error})") from error
+                if too_large := predictor.too_large(images[-1]):
+                    raise UserError(f"--images {path}: refused, {too_large}")
             inputs = predictor.preprocess(images)
             what = f"{len(images)} images"
         else:

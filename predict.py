@@ -70,10 +70,17 @@ def main(argv: list[str] | None = None) -> None:
         batch = []  # (index into paths, image)
         for index in range(start, min(start + args.batch_size, len(paths))):
             try:
-                batch.append((index, open_image(paths[index])))
+                image = open_image(paths[index])
             except (OSError, Image.DecompressionBombError) as error:  # one bad file does not stop the others
+                problem = f"not a readable image ({error})"
+            else:
+                too_large = predictor.too_large(image)  # its resize would take gigabytes
+                problem = f"refused, {too_large}" if too_large else None
+            if problem:
                 unreadable += 1
-                print(f"error: {names[index]}: not a readable image ({error})", file=sys.stderr)
+                print(f"error: {names[index]}: {problem}", file=sys.stderr)
+            else:
+                batch.append((index, image))
         predictions = predictor([image for _, image in batch], topk=topk) if batch else []
         for (index, image), prediction in zip(batch, predictions, strict=True):
             writer.write(names[index], prediction)
@@ -84,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
                 except OSError as error:
                     sys.exit(f"error: --save-annotated: cannot write {annotated[index]} ({error})")
     if unreadable:
-        sys.exit(f"error: {unreadable} of {len(paths)} images could not be read")
+        sys.exit(f"error: {unreadable} of {len(paths)} images could not be read or were refused")
 
 
 if __name__ == "__main__":

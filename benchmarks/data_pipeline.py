@@ -3,15 +3,15 @@
     python benchmarks/data_pipeline.py                    # 3,000 JPEGs of 256-512 px, written once to data/bench_jpegs
     python benchmarks/data_pipeline.py --images 500 --repeats 3
 
-The images are crops of scikit-learn's two sample photographs (real JPEG content), at random sizes of 256 to 512
-pixels a side, in 10 class folders. Both sides read the same files with one thread, as a DataLoader worker does:
-the baseline is torchvision's ImageFolder with its reference recipe (Pillow decoding, then RandomResizedCrop(224)
-and a flip, or Resize and CenterCrop for evaluation); the template is ImageFolderDataModule's own datasets, which
-decode JPEGs with torchvision.io (imgcls.data.images.read_image) and stop at uint8 pixels. Each side's time
-includes stacking every 64 images into a batch, and for the template normalising that batch, which training does
-on the device (imgcls.data.transforms.normalize_batch), here in the same thread. A third row shows the template
-decoding with Pillow instead, which is what torchvision.io buys. Runs alternate; prints medians and ratios.
-Goal: >= 1.0.
+The images are crops of scikit-learn's two sample photographs (real JPEG content; scikit-learn comes with
+`pip install -e ".[bench]"`), at random sizes of 256 to 512 pixels a side, in 10 class folders. Both sides read the same
+files with one thread, as a DataLoader worker does: the baseline is torchvision's ImageFolder with its reference
+recipe (Pillow decoding, then RandomResizedCrop(224) and a flip, or Resize and CenterCrop for evaluation); the
+template is ImageFolderDataModule's own datasets, which decode JPEGs with torchvision.io
+(imgcls.data.images.read_image) and stop at uint8 pixels. Each side's time includes stacking every 64 images into a
+batch, and for the template normalising that batch, which training does on the device
+(imgcls.data.transforms.normalize_batch), here in the same thread. A third row shows the template decoding with
+Pillow instead, which is what torchvision.io buys. Runs alternate; prints medians and ratios. Goal: >= 1.0.
 """
 
 import argparse

@@ -37,8 +37,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import InterpolationMode, v2
 
 from imgcls.cli import main as train
-from imgcls.data.datamodule import DIGITS_ROOT
-from imgcls.data.digits import write_digits
+from imgcls.data.digits import DIGITS_ROOT, write_digits
 from imgcls.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"  # as train.py passes it

@@ -4,7 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers import QUICK, run
+from helpers import run
 from PIL import Image
 
 pytestmark = pytest.mark.slow  # each starts Python, torch and several runs: 10 to 30 s
@@ -46,9 +46,13 @@ def test_predict_latency(trained: Path) -> None:
     assert len(ratios(result.stdout)) == 8  # wall and CPU ratios of three cold commands, two warm ones
 
 
-def test_time_to_accuracy(tmp_path: Path) -> None:
-    result = run("benchmarks/time_to_accuracy.py", "--repeats=1", "--", *QUICK, cwd=tmp_path)
+def test_end_to_end(tmp_path: Path) -> None:
+    # One pair of one epoch, without loader processes: the table and its summary, not the figures.
+    result = run("benchmarks/end_to_end.py", "--seeds=0", "--epochs=1", "--", "--data.num_workers=0", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    median = re.search(r"median\s+([0-9.]+)\s+([0-9.]+)", result.stdout)
-    assert median is not None, result.stdout
-    assert float(median[1]) > 0 and 0 <= float(median[2]) <= 1
+    pair = re.search(r"^\s+0\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)$", result.stdout, re.MULTILINE)
+    assert pair is not None, result.stdout
+    template_s, plain_s, ratio, template_acc, plain_acc = map(float, pair.groups())
+    assert template_s > 0 and plain_s > 0 and abs(ratio - template_s / plain_s) < 0.01
+    assert 0 < template_acc <= 1 and 0 < plain_acc <= 1
+    assert "median ratio template/plain" in result.stdout and "mean test accuracy" in result.stdout

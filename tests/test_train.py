@@ -10,6 +10,9 @@ from helpers import QUICK, REPO, run, train
 
 def test_training_writes_checkpoints_config_and_logs(trained: Path) -> None:
     assert {p.name for p in (trained / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
+    # The digits improve in their second epoch, so the last state is the best: one file under both names, not two.
+    best, last = (trained / "checkpoints" / f"{name}.ckpt" for name in ("best", "last"))
+    assert best.samefile(last) and torch.load(last, weights_only=True, mmap=True)["epoch"] == 1
     assert list(trained.glob("events.out.tfevents.*"))
     config = yaml.safe_load((trained / "config.yaml").read_text())
     assert config["model"]["backbone"] == "resnet18"
@@ -113,7 +116,7 @@ def test_config_files_in_configs_parse(config: str, capsys: pytest.CaptureFixtur
     [
         ("--data.root=/no/such/folder", "error: --data.root /no/such/folder: no such folder"),
         ("--model.backbone=resnet19", "did you mean resnet18"),
-        ("--data.std=[0.2,0,0.2]", "error: --data.std [0.2, 0.0, 0.2]: every channel's must be above 0"),
+        ("--data.std=[0.2,0,0.2]", "error: --data.std [0.2,0,0.2]: expected a list of 3 values, each a number above 0"),
     ],
 )
 def test_user_mistakes_get_one_line_errors(tmp_path: Path, flag: str, message: str) -> None:

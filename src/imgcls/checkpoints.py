@@ -22,6 +22,11 @@ from imgcls.errors import UserError
 LOGS = "logs"  # where train.py writes its runs, and where predict.py and export.py look for the newest
 BEST = "best"  # the file name (without .ckpt) of the best checkpoint of a run
 LAST = "last"  # and of its newest: Lightning's ModelCheckpoint.CHECKPOINT_NAME_LAST
+# Builder arguments with which torchvision's or timm's builders read a file or download one: a file may not ask for
+# them, as the network it describes is built from them (predict.py, export.py, load_from_checkpoint).
+LOADING_KWARGS = frozenset({"weights", "weights_backbone", "progress", "pretrained", "pretrained_cfg",
+                            "pretrained_cfg_overlay", "pretrained_strict", "checkpoint_path", "cache_dir"})  # fmt: skip
+PLAIN = (bool, int, float, str, type(None))
 # Tensor parallelism keeps each attention's q, k and v apart (imgcls.parallel.tp_attention), as the row blocks of the
 # plain network's fused tensor: its name -> the names of its parts ({} is q, k or v). Read, they are joined again.
 QKV_PARTS = ("q", "k", "v")
@@ -42,16 +47,36 @@ class ModelSpec:
     arch_kwargs: dict[str, Any] = field(default_factory=dict)  # for the builder, e.g. a ViT's image_size
 
     @classmethod
-    def from_hparams(cls, hparams: Mapping[str, Any], source: object) -> "ModelSpec":
-        """Read ``hparams``; a ``UserError`` naming ``source`` if they are not an ImageClassifier's."""
+    def from_hparams(cls, hparams: Mapping[str, Any], source: object, trusted: bool = False) -> "ModelSpec":
+        """Read ``hparams``; a ``UserError`` naming ``source`` if they are not an ImageClassifier's, or, unless
+        ``trusted`` (this run's own), if building their network would read a file or connect anywhere."""
         names, kwargs = hparams.get("class_names"), hparams.get("backbone_kwargs") or {}
         if not isinstance(names, list | tuple) or not names or not all(isinstance(name, str) for name in names):
-            raise UserError(f"{source}: its class_names are {names!r}, not a list of class names")
+            raise UserError(
+                f"{source}: its class_names are {names!r}, not a list of class names (one string per class)"
+            )
         if not isinstance(hparams.get("backbone"), str) or not isinstance(kwargs, Mapping):
             raise UserError(f"{source}: not a checkpoint of this project's ImageClassifier (no backbone)")
         if not isinstance(hparams.get("preprocess"), Mapping):
             raise UserError(f"{source}: not a checkpoint of this project's ImageClassifier (no preprocess)")
-        return cls(hparams["backbone"], list(names), dict(hparams["preprocess"]), dict(kwargs))
+        spec = cls(hparams["backbone"], list(names), dict(hparams["preprocess"]), dict(kwargs))
+        if not trusted:
+            spec.refuse_loading(source)
+        return spec
+
+    def refuse_loading(self, source: object) -> None:
+        """Refuse a network whose building would read a file or download one: a model on a hub (``timm/hf-hub:``),
+        builder arguments that load weights, or values that are not plain data."""
+        fix = "only an architecture and plain builder arguments load from a file"
+        if ":" in self.arch:
+            raise UserError(f"{source}: refused, its backbone {self.arch} would be fetched from a hub; {fix}")
+        loading = sorted(LOADING_KWARGS & set(self.arch_kwargs))
+        if loading:
+            named = ", ".join(map(repr, loading))
+            raise UserError(f"{source}: refused, builder arguments {named} would make the builder load weights; {fix}")
+        for key, value in self.arch_kwargs.items():
+            if not isinstance(key, str) or not _plain(value):
+                raise UserError(f"{source}: refused, its builder argument {key!r} is {value!r}; {fix}")
 
     @property
     def architecture(self) -> str:
@@ -62,6 +87,15 @@ class ModelSpec:
     @property
     def classes(self) -> str:
         return f"{len(self.class_names)} classes ({', '.join(self.class_names)})"
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is plain data: numbers, strings, booleans, None, and lists and string-keyed dicts of them."""
+    if isinstance(value, list | tuple):
+        return all(map(_plain, value))
+    if isinstance(value, Mapping):
+        return all(isinstance(key, str) and _plain(item) for key, item in value.items())
+    return isinstance(value, PLAIN)
 
 
 def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
@@ -138,9 +172,34 @@ def consolidate(shards: str | Path, output: str | Path) -> Path:
     checkpoint["state_dict"] = join_state(checkpoint["state_dict"])  # tensor parallelism's q, k, v: the plain layout
     tmp = output.with_name(f".{output.name}.tmp")
     output.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, tmp)
-    tmp.replace(output)  # atomic: a crash leaves the old file or the new one, never half of one
+    try:
+        with open(tmp, "wb") as file:  # a Python file: torch's own file writer fails without the OS's reason
+            torch.save(checkpoint, file)
+        tmp.replace(output)  # atomic: a crash leaves the old file or the new one, never half of one
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        failure = write_failure(output, error, then="consolidate again")
+        if failure is None:
+            raise
+        raise failure from error
     return output
+
+
+def write_failure(path: Path, error: BaseException, then: str = "resume with --ckpt_path last") -> UserError | None:
+    """A one-line error for a checkpoint that the system refused to write (a full disk, a quota, ``ulimit -f``),
+    saying to make room and ``then``; ``None`` for any other failure.
+
+    torch.save's zip writer meets the OSError and then fails again on closing: the OSError is the first exception
+    of the chain, the one that says why.
+    """
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    if error is None:
+        return None
+    return UserError(
+        f"{path}: the checkpoint could not be written ({error.strerror or error}); the one before, if any, is "
+        f"unchanged: make room (disk space, quota, ulimit -f), then {then}"
+    )
 
 
 def _load_sharded(path: Path) -> dict[str, Any]:

@@ -6,10 +6,12 @@ and test, in a process tuned for training; user mistakes end as one line (``imgc
 
 import argparse
 import sys
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
@@ -21,20 +23,22 @@ from imgcls.backbones.input_size import settle_input_size
 from imgcls.backbones.meta import build_on_meta
 from imgcls.backbones.weights import resolve_weights
 from imgcls.callbacks.checkpointing import BestAndLast
-from imgcls.callbacks.crash_safe import CrashSafeCheckpoints
+from imgcls.callbacks.crash_safe import CrashSafeCheckpoints, check_output_folders
 from imgcls.callbacks.inspection import ParameterInspector
 from imgcls.callbacks.nonfinite import NonFiniteLoss
 from imgcls.callbacks.preemption import EXIT_SIGTERM, Preemption
 from imgcls.callbacks.tensorboard import SaveConfigAndHparams
 from imgcls.checkpoints import BEST, LOGS
 from imgcls.compat.lightning import quiet_known_warnings
-from imgcls.data.datamodule import DEFAULT_CROP_SIZE, ImageFolderDataModule, demo_defaults
-from imgcls.errors import UserError, exit_with
+from imgcls.data.datamodule import DEFAULT_CROP_SIZE, ImageFolderDataModule
+from imgcls.data.digits import demo_defaults
+from imgcls.errors import UsageError, UserError, exit_with
 from imgcls.model import MONITOR, ImageClassifier
 from imgcls.parallel.collectives import DEFAULT_TIMEOUT_S, apply_timeout, close, describe_failure, is_collective_failure
 from imgcls.parallel.fsdp2 import fp16_trainer_args
 from imgcls.parallel.registry import refuse_untested_strategy, register_strategies
-from imgcls.parallel.tensor_parallel import TensorParallelStrategy, check_before_launch, tensor_parallel_size
+from imgcls.parallel.tensor_parallel import TensorParallelStrategy, check_before_launch
+from imgcls.parse_errors import one_line
 from imgcls.precision import warn_if_bf16_is_emulated
 from imgcls.resume import check_resumable, resolve_ckpt_path
 
@@ -119,10 +123,11 @@ def fit_and_test(cli: "TrainCLI") -> None:
         torch.set_float32_matmul_precision(cli.config.float32_matmul_precision)
     ckpt_path = resolve_ckpt_path(cli.config.ckpt_path, trainer)
     if ckpt_path is not None:
-        saved = check_resumable(ckpt_path, cli.model.hparams, tensor_parallel_size(trainer.strategy) is not None)
+        saved = check_resumable(ckpt_path, cli.model.hparams, trainer.strategy)
         # Where the data left off. Lightning restores it too, but sharded strategies build the training loader
         # before they restore (Lightning #20550): given now, it is there in time for every strategy.
         cli.datamodule.load_state_dict(saved.get(type(cli.datamodule).__qualname__, {}))
+    check_output_folders(trainer)
     trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, weights_only=True)
     best = trainer.checkpoint_callback.best_model_path
     trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best or None, weights_only=True)
@@ -142,10 +147,18 @@ SHORT_HELP = {
 }  # fmt: skip
 
 
+# Trainer flags Lightning divides by without checking them first: 0 would end the run with a ZeroDivisionError.
+DIVISORS = ("accumulate_grad_batches", "check_val_every_n_epoch", "val_check_interval")
+
+
 class TrainCLI(LightningCLI):
     """LightningCLI with this project's flags, links and checkpoint defaults, and ``--plan``."""
 
     plan: Any = None  # imgcls.planner.plan.Plan, once --plan or auto_fit made one
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        # Parse errors raise instead of printing the usage and a dozen lines per error: parse_arguments makes them one.
+        return super().init_parser(**{**kwargs, "exit_on_error": False})
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -178,8 +191,10 @@ class TrainCLI(LightningCLI):
             "it to the OS and faulting it in again (faster CPU training, the same peak memory). false keeps glibc's "
             "defaults.",
         )
+        # The data's values, made with jsonargparse's types (PositiveInt, ...): the model keeps them in every
+        # checkpoint, which torch.load(weights_only=True) reads, so they go over as plain ints and floats.
         for key in ("num_classes", "class_names", "preprocess"):
-            parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
+            parser.link_arguments(f"data.{key}", f"model.{key}", compute_fn=plain, apply_on="instantiate")
         parser.add_lightning_class_args(BestAndLast, "checkpoint")  # --checkpoint.*: best.ckpt and last.ckpt
         parser.set_defaults({"checkpoint.monitor": MONITOR, "checkpoint.mode": "max"})
         parser.set_defaults({"checkpoint.filename": BEST, "checkpoint.save_last": True})
@@ -201,9 +216,11 @@ class TrainCLI(LightningCLI):
                     action.help = argparse.SUPPRESS
         # A bare --plan turns planning on; its settings are --plan.device_memory and --plan.headroom.
         if PlanOptions is not None and isinstance(argv, list) and "--plan" in argv:
-            self.config = parser.parse_args(["--plan.enabled=true" if arg == "--plan" else arg for arg in argv])
-        else:
+            argv = ["--plan.enabled=true" if arg == "--plan" else arg for arg in argv]
+        try:
             self.config = parser.parse_args(argv)
+        except ArgumentError as error:  # see init_parser
+            raise UsageError(one_line(str(error), parser, argv)) from error
 
     def before_instantiate_classes(self) -> None:
         # Written into the config, these are also what config.yaml records, and the checkpoint's hyperparameters.
@@ -221,6 +238,10 @@ class TrainCLI(LightningCLI):
         if size.message:
             rank_zero_info(size.message)
 
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        check_optimizer(self.model, self.config.model)
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer | None:
         # The plan needs the model's and data's settings (linked at instantiation) but no Trainer, which would
         # start processes and refuse GPU-only strategies on a machine without the GPUs it plans for.
@@ -235,9 +256,12 @@ class TrainCLI(LightningCLI):
         kwargs.update(fp16_trainer_args({**self.config_init.trainer, **kwargs}))
         strategy = kwargs.get("strategy", self.config_init.trainer.get("strategy"))
         refuse_untested_strategy(strategy)
+        for flag in DIVISORS:
+            if (value := self.config_init.trainer.get(flag)) is not None and value <= 0:
+                raise UserError(f"--trainer.{flag} {value}: Lightning divides by it; give a value above 0")
         try:
             instance = super().instantiate_trainer(**kwargs)
-        except ValueError as error:  # the Trainer refuses its settings (a GPU-only strategy on a CPU, ...)
+        except (TypeError, ValueError) as error:  # the Trainer refuses its settings (a GPU-only strategy on a CPU, ...)
             raise UserError(f"--trainer: {error}") from error
         if isinstance(instance.strategy, TensorParallelStrategy):  # what it cannot split, said before processes start
             hp = self.model.hparams
@@ -246,3 +270,30 @@ class TrainCLI(LightningCLI):
         apply_timeout(instance.strategy, self.config.collective_timeout)
         warn_if_bf16_is_emulated(instance)
         return instance
+
+
+def plain(value: Any) -> Any:
+    """``value`` with every int and float in it (an instance of a subclass: jsonargparse's PositiveInt) a plain one."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return int(value) if isinstance(value, int) else float(value)
+    if isinstance(value, list | tuple):
+        return type(value)(plain(item) for item in value)
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    return value
+
+
+def check_optimizer(model: ImageClassifier, config: Namespace) -> None:
+    """Build ``model``'s optimizer and scheduler for a stand-in parameter: arguments torch refuses (a negative
+    learning rate) stop the run now, naming the flag, instead of in ``configure_optimizers`` with a traceback."""
+    flag = "optimizer"
+    try:
+        optimizer = model.optimizer([torch.nn.Parameter(torch.zeros(1))])
+        flag = "lr_scheduler"
+        if model.lr_scheduler is not None:
+            model.lr_scheduler(optimizer)
+    except (TypeError, ValueError, KeyError) as error:  # what torch's constructors raise for arguments they refuse
+        name = getattr(config[flag], "class_path", config[flag])
+        raise UserError(
+            f"--model.{flag} {name}: {error} (torch refuses it; set its arguments with --model.{flag}.NAME VALUE)"
+        ) from error

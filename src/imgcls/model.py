@@ -3,11 +3,13 @@
 import functools
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, PositiveInt
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
@@ -17,7 +19,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from imgcls.backbones import finetuning
 from imgcls.backbones.factory import create_backbone
 from imgcls.backbones.weights import Pretrained, resolve_weights
-from imgcls.data.datamodule import IGNORE_INDEX
+from imgcls.checkpoints import ModelSpec, read_metadata
+from imgcls.data.padding import IGNORE_INDEX
 from imgcls.parallel.blocks import compile_blocks, uncompile_blocks
 from imgcls.parallel.deferred_init import build_deferred
 from imgcls.parallel.fsdp2 import FSDP2Strategy
@@ -44,11 +47,11 @@ class ImageClassifier(L.LightningModule):
         num_classes: Number of classes; linked from the data module by the CLI.
         class_names: Class names in label order; linked from the data module and saved for prediction.
         preprocess: The data module's evaluation preprocessing; saved so prediction matches validation.
-        label_smoothing: Cross-entropy label smoothing.
+        label_smoothing: Cross-entropy label smoothing, from 0 (none) to 1.
         optimizer: Builds the optimizer from the parameters.
         lr_scheduler: Builds a scheduler stepped once per epoch; ``None`` uses linear warmup and cosine decay,
             stepped per batch.
-        warmup_fraction: Share of all training steps spent in warmup by the default schedule.
+        warmup_fraction: Share of all training steps spent in warmup by the default schedule, from 0 to 1.
         channels_last: Keep weights and images in channels-last memory order, which tensor cores want for
             convolutions under 16-bit precision on GPUs.
         compile: ``torch.compile`` the network: ``true``, or its keyword arguments, e.g. ``{mode: max-autotune}``.
@@ -65,14 +68,14 @@ class ImageClassifier(L.LightningModule):
         pretrained_prefix: str | None = None,
         pretrained_strict: bool = False,
         freeze_backbone: bool = False,
-        backbone_lr_scale: float = 1.0,
-        num_classes: int = 1000,
+        backbone_lr_scale: NonNegativeFloat = 1.0,
+        num_classes: PositiveInt = 1000,
         class_names: list[str] | None = None,
         preprocess: dict[str, Any] | None = None,
-        label_smoothing: float = 0.0,
+        label_smoothing: ClosedUnitInterval = 0.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
-        warmup_fraction: float = 0.1,
+        warmup_fraction: ClosedUnitInterval = 0.1,
         channels_last: bool = False,
         compile: bool | dict[str, Any] = False,
     ) -> None:
@@ -103,6 +106,14 @@ class ImageClassifier(L.LightningModule):
         # The mean loss of each stage's epoch, weighted by the images each batch really holds (no NaN check: it
         # would make the host wait for the device every step).
         self.train_loss, self.val_loss, self.test_loss = (MeanMetric(nan_strategy="disable") for _ in range(3))
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> "ImageClassifier":
+        """Lightning's, once the file is known to describe a network that builds without loading or downloading
+        anything (``imgcls.checkpoints.ModelSpec.refuse_loading``): it is built from the file's hyperparameters."""
+        if isinstance(checkpoint_path, str | Path):
+            ModelSpec.from_hparams(read_metadata(checkpoint_path).get("hyper_parameters") or {}, checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def configure_model(self) -> None:
         if self.net is None:
@@ -150,7 +161,7 @@ class ImageClassifier(L.LightningModule):
             count, loss = len(targets), F.cross_entropy(logits, targets, label_smoothing=smoothing)
             # The global batch's loss: reduced over the processes now, in the step every process runs.
             self.log("train/loss_step", loss, on_step=True, on_epoch=False, sync_dist=True, prog_bar=True)
-        else:  # on several devices evaluation carries padding labelled IGNORE_INDEX (see PaddedForRanks): skip it
+        else:  # on several devices evaluation carries padding labelled IGNORE_INDEX (imgcls.data.padding): skip it
             count = int((targets != IGNORE_INDEX).sum())
             loss = F.cross_entropy(logits, targets, label_smoothing=smoothing, reduction="sum") / max(count, 1)
         getattr(self, f"{stage}_metrics").update(logits, targets.argmax(dim=1) if targets.ndim == 2 else targets)

@@ -46,7 +46,10 @@ def read_metadata(folder: Path) -> Metadata:
             f"{folder}: a folder without .metadata, so not a sharded checkpoint (or one half written)"
         ) from error
     except Exception as error:  # truncated or not a pickle: the unpickler raises many kinds
-        raise UserError(f"{folder / '.metadata'}: not readable ({type(error).__name__}: {error})") from error
+        raise UserError(  # DCP writes it last: a save cut off leaves none; this is a damaged file or copy
+            f"{folder / '.metadata'}: not readable ({type(error).__name__}: {error}); the folder is damaged or was "
+            "copied in part: copy it again from where it was written, or use another checkpoint"
+        ) from error
     if not isinstance(found, Metadata):
         raise UserError(f"{folder / '.metadata'}: not the metadata of a sharded checkpoint")
     return found

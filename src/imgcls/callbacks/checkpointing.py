@@ -1,6 +1,10 @@
 """Which checkpoints a run keeps: the best by the monitored metric, and ``last.ckpt``, always the newest state."""
 
+import os
+from pathlib import Path
+
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 
@@ -9,7 +13,9 @@ class BestAndLast(ModelCheckpoint):
 
     Lightning writes ``last.ckpt`` only where a top-k checkpoint was written too: with a monitored metric and
     ``save_top_k=1`` it is a copy of the last improvement, and resuming from it after a crash redoes every epoch
-    since. Here ``last.ckpt`` follows every epoch (and every ``every_n_train_steps``); the best stays apart.
+    since. Here ``last.ckpt`` follows every epoch (and every ``every_n_train_steps``); the best stays apart. Where
+    the best was written in the same step, ``last.ckpt`` becomes a hard link to it rather than a second copy of the
+    same state (Lightning's ``save_last="link"`` makes a symbolic link, which follows the best when it changes).
     """
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -26,3 +32,35 @@ class BestAndLast(ModelCheckpoint):
         written = self._last_global_step_saved == trainer.global_step  # by the top-k save of this step
         if self.save_last and not written and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
+        saved, last = (
+            self._last_checkpoint_saved,
+            self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST),
+        )
+        same_step = self.save_last and self._last_global_step_saved == trainer.global_step and saved != last
+        another_runs = self._enable_version_counter and last != self.last_model_path and self.file_exists(last, trainer)
+        if not same_step or another_runs:  # Lightning names it last-v1.ckpt then
+            return super()._save_last_checkpoint(trainer, monitor_candidates)
+        self.last_model_path = last
+        linked = link_atomically(saved, last) if trainer.is_global_zero else True
+        if not trainer.strategy.broadcast(linked):  # a sharded folder, or a filesystem without hard links
+            super()._save_last_checkpoint(trainer, monitor_candidates)
+            return
+        trainer.strategy.barrier("last_checkpoint_linked")
+
+
+def link_atomically(target: str, link: str) -> bool:
+    """Make ``link`` a hard link to the file ``target``, replacing ``link`` atomically; ``False`` if it cannot be."""
+    target_path, link_path = Path(target), Path(link)
+    tmp = link_path.with_name(f".{link_path.name}.link")
+    if not target_path.is_file():
+        return False
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(target_path, tmp)
+        os.replace(tmp, link_path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return False
+    return True

@@ -3,8 +3,9 @@
 ``check_images`` sets what setup reads of every file: ``header`` (the default) opens it as Pillow does, which finds
 empty files, files that are not images, broken headers and decompression bombs (about 50 µs an image: a minute
 for ImageNet's 1.28 million); ``full`` decodes every image as training will, which also finds truncated files but
-costs a decode each (milliseconds: an hour for ImageNet); ``none`` reads nothing. Whatever setup did not find is
-caught by the loader, which hands the path and the reason over instead of crashing a worker process.
+costs a decode each (milliseconds: an hour for ImageNet); ``none`` reads nothing. Both also refuse images that
+evaluation's resize would make too large (``imgcls.data.pixel_limit``). Whatever setup did not find is caught by the
+loader, which hands the path and the reason over instead of crashing a worker process.
 ``on_bad_image`` sets what happens to such files: ``error`` stops with their paths, ``skip`` drops them with a warning.
 """
 
@@ -22,6 +23,8 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from imgcls.data.images import read_image
+from imgcls.data.pixel_limit import too_large
+from imgcls.data.walk import FolderWalk
 from imgcls.errors import UserError
 
 OnBadImage = Literal["error", "skip"]
@@ -52,15 +55,33 @@ class BadBatch:
 class CheckedImageFolder(ImageFolder):
     """An ``ImageFolder`` whose items are ``BadImage`` for files that fail to open, instead of an exception.
 
-    It also remembers the files it passed over because their names are not of an image type (``ignored``).
+    Its folders are walked by ``walk`` (loops refused; one walk for every split finds files read twice), as the
+    ``split`` named. Images that resizing to ``resize_size`` would make too large are ``BadImage`` too. It also
+    remembers the files it passed over because their names are not of an image type (``ignored``).
     """
 
-    def __init__(self, root: str | Path, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        walk: FolderWalk | None = None,
+        split: str = "train",
+        resize_size: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.ignored: list[str] = []
+        self.walk, self.split, self.resize_size = walk or FolderWalk(), split, resize_size
         super().__init__(root, loader=read_image, is_valid_file=self._has_image_name, allow_empty=True, **kwargs)
 
+    def make_dataset(self, directory: str | Path, class_to_idx: dict[str, int], **_: Any) -> list[tuple[str, int]]:
+        """ImageFolder's samples, in its order, listed by ``FolderWalk`` rather than ``os.walk``."""
+        samples = []
+        for name, index in sorted(class_to_idx.items()):
+            files = self.walk.files(os.path.join(directory, name), self.split, name)
+            samples += [(path, index) for path in files if self._has_image_name(path)]
+        return samples
+
     def _has_image_name(self, path: str) -> bool:
-        if has_file_allowed_extension(path, IMG_EXTENSIONS):
+        if is_image_name(path):
             return True
         if not os.path.basename(path).startswith("."):  # .DS_Store and the like are nobody's mistake
             self.ignored.append(path)
@@ -72,6 +93,9 @@ class CheckedImageFolder(ImageFolder):
             image = self.loader(path)
         except Exception as error:  # anything a file's contents can make Pillow raise
             return BadImage(path, describe(error))
+        reason = too_large(image, self.resize_size) if self.resize_size else None
+        if reason is not None:  # a file that changed since setup, or that setup did not check
+            return BadImage(path, reason)
         return (self.transform(image) if self.transform else image), target
 
     def empty_classes(self) -> list[str]:
@@ -85,6 +109,11 @@ class CheckedImageFolder(ImageFolder):
         self.targets = [target for _, target in self.samples]
 
 
+def is_image_name(path: str) -> bool:
+    """Whether ImageFolder reads ``path`` as an image: by its extension, one of ``IMG_EXTENSIONS``."""
+    return has_file_allowed_extension(path, IMG_EXTENSIONS)
+
+
 def describe(error: Exception) -> str:
     """Why an image failed to open, in words."""
     if isinstance(error, Image.DecompressionBombError):
@@ -94,36 +123,43 @@ def describe(error: Exception) -> str:
     return f"corrupt or truncated: {type(error).__name__}: {error}"
 
 
-def problem(path: str, full: bool = False) -> str | None:
-    """Why ``path`` is not a usable image, or ``None``: from its header alone, or from a full decode with ``full``."""
+def problem(path: str, full: bool = False, resize_size: int | None = None) -> str | None:
+    """Why ``path`` is not a usable image, or ``None``: from its header alone, or from a full decode with ``full``.
+
+    With ``resize_size``, an image that resizing would make too large is not usable either.
+    """
     try:
         if os.path.getsize(path) == 0:
             return "empty file, 0 bytes"
         if full:
-            read_image(path)
+            image = read_image(path)
         else:
-            Image.open(path).close()  # reads the header: format, mode and size (the decompression bomb check)
+            image = Image.open(path)  # reads the header: format, mode and size (the decompression bomb check)
+            image.close()
     except Exception as error:
         return describe(error)
-    return None
+    return too_large(image, resize_size) if resize_size else None
 
 
 class _Problems(Dataset):
-    def __init__(self, paths: list[str], full: bool) -> None:
-        self.paths, self.full = paths, full
+    def __init__(self, paths: list[str], full: bool, resize_size: int | None) -> None:
+        self.paths, self.full, self.resize_size = paths, full, resize_size
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> str | None:
-        return problem(self.paths[index], self.full)
+        return problem(self.paths[index], self.full, self.resize_size)
 
 
-def find_bad_images(paths: list[str], full: bool = False, workers: int = 0) -> list[BadImage]:
+def find_bad_images(
+    paths: list[str], full: bool = False, workers: int = 0, resize_size: int | None = None
+) -> list[BadImage]:
     """The files of ``paths`` that are not usable images, checked in up to ``workers`` loader processes."""
     workers = min(workers, len(paths) // FILES_PER_WORKER)
     workers = workers if workers > 1 else 0  # one loader process is no faster than this one
-    loader = DataLoader(_Problems(paths, full), batch_size=256, num_workers=workers, collate_fn=list)
+    problems = _Problems(paths, full, resize_size)
+    loader = DataLoader(problems, batch_size=256, num_workers=workers, collate_fn=list)
     reasons = [reason for batch in loader for reason in batch]
     return [BadImage(path, reason) for path, reason in zip(paths, reasons, strict=True) if reason is not None]
 
@@ -131,10 +167,13 @@ def find_bad_images(paths: list[str], full: bool = False, workers: int = 0) -> l
 def check_splits(
     splits: dict[str, CheckedImageFolder], check: CheckImages, on_bad: OnBadImage, workers: int = 0
 ) -> None:
-    """Find the unreadable files of every split and stop or drop them; then refuse class folders left empty."""
+    """Refuse files reached twice; find the unreadable files of every split and stop or drop them; then refuse class
+    folders left empty."""
+    splits["train"].walk.refuse_files_read_twice(is_image_name, carved="val" not in splits)
     if check != "none":
         paths = [path for split in splits.values() for path, _ in split.samples]
-        bad = find_bad_images(paths, full=check == "full", workers=workers)
+        resize_size = splits["train"].resize_size
+        bad = find_bad_images(paths, full=check == "full", workers=workers, resize_size=resize_size)
         if bad and on_bad == "error":
             more = f" and {len(bad) - SHOWN} more" if len(bad) > SHOWN else ""
             shown = ", ".join(map(str, bad[:SHOWN]))

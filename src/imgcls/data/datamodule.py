@@ -9,45 +9,46 @@ from typing import Any
 
 import lightning as L
 import torch
+from jsonargparse.typing import (
+    ClosedUnitInterval,
+    NonNegativeFloat,
+    NonNegativeInt,
+    OpenUnitInterval,
+    PositiveFloat,
+    PositiveInt,
+)
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.transforms import v2
 
 from imgcls.data.checks import CheckedImageFolder, CheckImages, OnBadImage, check_splits, collate, raise_if_bad
-from imgcls.data.digits import write_digits
+from imgcls.data.digits import DIGITS_ROOT, demo_defaults, write_digits
+from imgcls.data.layout import class_names, split_folders
+from imgcls.data.padding import PaddedForRanks
+from imgcls.data.pixel_limit import too_large_setting
 from imgcls.data.torchvision_datasets import open_torchvision_splits
-from imgcls.data.training_order import SeededSamples, TrainingOrder, derived_seed, replicas, seed_training_batch
+from imgcls.data.trainable import MAX_BATCH_SIZE, fitted_batch_size, refuse_empty_training, refuse_idle_epochs
+from imgcls.data.training_order import (
+    SeededSamples,
+    TrainingOrder,
+    balanced_weights,
+    derived_seed,
+    replicas,
+    seed_training_batch,
+)
 from imgcls.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Augment,
+    Interpolation,
     build_batch_mix,
     build_transforms,
     normalize_batch,
 )
+from imgcls.data.walk import FolderWalk
 from imgcls.errors import UserError
 
-DIGITS_ROOT = Path("data/digits")
-IGNORE_INDEX = -100  # the label of padding: cross_entropy's default ignore_index, and the metrics' too
 DEFAULT_CROP_SIZE = 224
-# The embedded digits are 8x8 pixels: 32-pixel crops of the whole digit, no augmentation. Only for them: a
-# --data.root gets the above.
-DIGITS_DEFAULTS = {"crop_size": 32, "augment": "none"}
-MAX_BATCH_SIZE, MIN_BATCH_SIZE = 64, 8  # the range the default batch size is fitted in
-MIN_STEPS_PER_EPOCH = 16  # fewer, and a few hundred images get too few optimizer steps in a handful of epochs
-
-
-def fitted_batch_size(images: int, devices: int) -> int:
-    """The default batch per device: 64, halved down to 8 until an epoch has at least 16 steps on ``devices``."""
-    size = MAX_BATCH_SIZE
-    while size > MIN_BATCH_SIZE and images // (size * devices) < MIN_STEPS_PER_EPOCH:
-        size //= 2
-    return size
-
-
-def demo_defaults(root: str | None, dataset: str | None) -> dict[str, Any]:
-    """The settings unset options take for the embedded digits (no ``root``); ``{}`` for anyone's own data."""
-    return DIGITS_DEFAULTS if root is None and dataset is None else {}
 
 
 class ImageFolderDataModule(L.LightningDataModule):
@@ -55,7 +56,8 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     Preprocessing left at ``None`` is filled in by the CLI from the backbone's pretrained weights; what is still
     unset follows ImageNet's convention: a ``DEFAULT_CROP_SIZE`` crop, bilinear, ImageNet mean and std, ``basic``
-    augmentation. The embedded digits (no ``root``) take ``DIGITS_DEFAULTS`` instead, resized to the crop.
+    augmentation. The embedded digits (no ``root``) take ``imgcls.data.digits.DIGITS_DEFAULTS`` instead, resized to
+    the crop.
 
     The datasets and loaders give uint8 images; ``on_after_batch_transfer`` normalises each batch on the device
     (``imgcls.data.transforms.normalize_batch``), which is faster than per image in the loader processes.
@@ -65,8 +67,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         dataset: A torchvision dataset class (``CIFAR10``, ``MNIST``, ``Flowers102``, ...) to read from ``root``
             instead of class folders. Its test split, if any, is the test set.
         download: Let the torchvision dataset download itself into ``root`` when missing.
-        val_fraction: Share of the training images held out for validation when ``root`` has no ``val``
-            folder (a seeded split). Without a ``test`` folder, testing uses the validation images.
+        val_fraction: Share of the training images (above 0, below 1) held out for validation when ``root`` has
+            no ``val`` folder (a seeded split). Without a ``test`` folder, testing uses the validation images.
         batch_size: Images per batch and per device; ``None`` fits it to the data: 64, or less for small datasets
             (halved down to 8 until an epoch has at least 16 steps).
         num_workers: Loader processes per device; ``None`` uses the CPUs this process may run on.
@@ -77,12 +79,12 @@ class ImageFolderDataModule(L.LightningDataModule):
             ``crop_size * 8 / 7`` (``crop_size`` for the digits).
         mean: Per-channel normalisation mean (RGB).
         std: Per-channel normalisation standard deviation (RGB).
-        interpolation: Resize interpolation (``bilinear``, ``bicubic``, ``nearest``).
+        interpolation: Resize interpolation: ``bilinear``, ``bicubic``, ``nearest`` or ``lanczos``.
         augment: Training augmentation preset: ``none``, ``basic`` (random resized crop and flip), ``strong``
             (``basic`` with TrivialAugment and random erasing); ``None`` is ``basic`` (``none`` for the digits).
         mixup_alpha: MixUp's Beta(alpha, alpha) mixing strength for training batches; 0 disables it.
         cutmix_alpha: CutMix's strength for training batches; 0 disables it. With both, each batch gets one.
-        mix_prob: Share of training batches that are mixed when MixUp or CutMix is enabled.
+        mix_prob: Share of training batches (0 to 1) that are mixed when MixUp or CutMix is enabled.
         balanced_sampling: Draw training images so every class is equally frequent (with replacement).
         seed: Seed of the train/val split and of the training order; the augmentation's depends on it and on
             ``--seed_everything`` (``imgcls.data.training_order``).
@@ -97,20 +99,20 @@ class ImageFolderDataModule(L.LightningDataModule):
         root: str | None = None,
         dataset: str | None = None,
         download: bool = False,
-        val_fraction: float = 0.1,
-        batch_size: int | None = None,
-        num_workers: int | None = None,
+        val_fraction: OpenUnitInterval = 0.1,
+        batch_size: PositiveInt | None = None,
+        num_workers: NonNegativeInt | None = None,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
-        crop_size: int | None = None,
-        resize_size: int | None = None,
+        crop_size: PositiveInt | None = None,
+        resize_size: PositiveInt | None = None,
         mean: tuple[float, float, float] | None = None,
-        std: tuple[float, float, float] | None = None,
-        interpolation: str | None = None,
+        std: tuple[PositiveFloat, PositiveFloat, PositiveFloat] | None = None,
+        interpolation: Interpolation | None = None,
         augment: Augment | None = None,
-        mixup_alpha: float = 0.0,
-        cutmix_alpha: float = 0.0,
-        mix_prob: float = 1.0,
+        mixup_alpha: NonNegativeFloat = 0.0,
+        cutmix_alpha: NonNegativeFloat = 0.0,
+        mix_prob: ClosedUnitInterval = 1.0,
         balanced_sampling: bool = False,
         seed: int = 0,
         check_images: CheckImages = "header",
@@ -130,7 +132,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             if not self.root.is_dir():
                 raise UserError(f"--data.root {self.root}: no such folder; point it at an ImageFolder tree")
             self.train_dir = self.root / "train" if (self.root / "train").is_dir() else self.root
-            self.class_names = _class_names(self.train_dir)
+            self.class_names = class_names(self.train_dir)
             if len(self.class_names) == 1:
                 raise UserError(
                     f"{self.train_dir}: a single class folder, {self.train_dir / self.class_names[0]}; a classifier "
@@ -174,41 +176,38 @@ class ImageFolderDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         if self.datasets:
             return
+        if too_large := too_large_setting(self.preprocess):
+            raise UserError(f"--data.{too_large}")
         train_tf = build_transforms(train=True, augment=self.augment, normalize=False, **self.preprocess)
         eval_tf = build_transforms(train=False, normalize=False, **self.preprocess)
         if self.hparams.dataset is not None:  # torchvision datasets hand over images as stored: MNIST's are gray
             train_tf, eval_tf = v2.Compose([v2.RGB(), train_tf]), v2.Compose([v2.RGB(), eval_tf])
         sources = self.sources or self._folders()
         train, val, test = sources["train"], sources.get("val"), sources.get("test")
+        source = str(self.train_dir) if not self.sources else f"--data.dataset {self.hparams.dataset} in {self.root}"
+        n_val = 0  # held out of train
         if val is None:
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.hparams.seed)).tolist()
             n_val = max(1, round(len(train) * self.hparams.val_fraction))
+            refuse_empty_training(len(train), n_val, self.hparams.val_fraction, source, folder=not self.sources)
             val = Subset(_with_transform(train, eval_tf), order[:n_val])
             train = Subset(_with_transform(train, train_tf), order[n_val:])
         else:
             train, val = _with_transform(train, train_tf), _with_transform(val, eval_tf)
         test = _with_transform(test, eval_tf) if test is not None else val
         self.datasets = {"train": train, "val": val, "test": test}
+        devices = replicas(self.trainer)[0]  # the processes that read different batches
         if self.batch_size is None:
-            self.batch_size = fitted_batch_size(len(train), replicas(self.trainer)[0])
+            self.batch_size = fitted_batch_size(len(train), devices)
+        refuse_idle_epochs(len(train), self.batch_size, devices, source, n_val)
 
     def _folders(self) -> dict[str, Dataset]:
         """The ImageFolder splits: ``train``, and ``val``/``test`` where ``root`` has them beside ``train``."""
-        folders = {"train": CheckedImageFolder(self.train_dir)}
-        for split in ("val", "test"):
-            path = self.root / split
-            if self.train_dir != self.root and path.is_dir():
-                found = _class_names(path)
-                if found != self.class_names:
-                    missing = [str(self.train_dir / name) for name in self.class_names if name not in found]
-                    extra = [str(path / name) for name in found if name not in self.class_names]
-                    differences = [f"no {path.name} folder for {', '.join(missing)}"] if missing else []
-                    differences += [f"{', '.join(extra)} not in {self.train_dir}"] if extra else []
-                    raise UserError(
-                        f"{path}: its class folders differ from the training classes ({'; '.join(differences)}); "
-                        f"give {path} the same class folders as {self.train_dir}"
-                    )
-                folders[split] = CheckedImageFolder(path)
+        walk, resize_size = FolderWalk(), self.preprocess["resize_size"]  # one walk: a file read in two splits
+        folders = {
+            split: CheckedImageFolder(path, walk, split, resize_size)
+            for split, path in split_folders(self.root, self.train_dir, self.class_names).items()
+        }
         check_splits(folders, self.hparams.check_images, self.hparams.on_bad_image, self._workers())
         return folders
 
@@ -226,10 +225,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         if split == "train":
             # A seeded order at every world size: the global batches are the same images in the same order on 1 device
             # or on 8, so a run can move between machines, resume anywhere (see TrainingOrder), and stay comparable.
-            weights = None
-            if self.hparams.balanced_sampling:  # seeded draws, with replacement, the same on every rank
-                labels = _labels(dataset)
-                weights = (1.0 / torch.bincount(labels, minlength=self.num_classes).clamp(min=1))[labels].double()
+            weights = balanced_weights(dataset, self.num_classes) if self.hparams.balanced_sampling else None
             sampler = self.training_order = TrainingOrder(
                 dataset, world, rank, self.hparams.seed, self.augment_seed, weights
             )
@@ -295,38 +291,6 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
-
-
-def _class_names(folder: Path) -> list[str]:
-    names = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())  # as ImageFolder sorts them
-    if not names:
-        raise UserError(f"{folder}: no class folders; put images in {folder}/<class name>/")
-    return names
-
-
-class PaddedForRanks(Dataset):
-    """``dataset`` padded to a multiple of ``world`` with copies of its first image labelled ``IGNORE_INDEX``."""
-
-    def __init__(self, dataset: Dataset, world: int) -> None:
-        self.dataset, self.size = dataset, len(dataset)
-        self.padded = -(-self.size // world) * world
-
-    def __len__(self) -> int:
-        return self.padded
-
-    def __getitem__(self, index: int) -> Any:
-        if index < self.size:
-            return self.dataset[index]
-        return self.dataset[0][0], IGNORE_INDEX
-
-
-def _labels(dataset: Dataset) -> torch.Tensor:
-    """The class index of every sample, from the dataset's ``targets``, without opening images."""
-    base, indices = (dataset.dataset, dataset.indices) if isinstance(dataset, Subset) else (dataset, None)
-    if getattr(base, "targets", None) is None:
-        raise UserError("--data.balanced_sampling: this dataset does not list its labels (no .targets)")
-    targets = torch.as_tensor(base.targets)
-    return targets if indices is None else targets[torch.as_tensor(indices)]
 
 
 def _with_transform(images: Dataset, transform: Any) -> Dataset:

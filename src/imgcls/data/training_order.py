@@ -24,7 +24,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler, Subset
+
+from imgcls.errors import UserError
 
 
 def derived_seed(*keys: int | str) -> int:
@@ -95,6 +97,16 @@ class TrainingOrder(DistributedSampler):
         first = max(0, -(-(self.skip - self.rank) // self.num_replicas))  # positions p * num_replicas + rank < skip
         self.skip = 0
         return zip(seeds[first:], mine[first:], strict=True)
+
+
+def balanced_weights(dataset: Dataset, num_classes: int) -> torch.Tensor:
+    """Per-image draw weights that make every class equally frequent, from the dataset's ``targets`` (no image read)."""
+    base, indices = (dataset.dataset, dataset.indices) if isinstance(dataset, Subset) else (dataset, None)
+    if getattr(base, "targets", None) is None:
+        raise UserError("--data.balanced_sampling: this dataset does not list its labels (no .targets)")
+    labels = torch.as_tensor(base.targets)
+    labels = labels if indices is None else labels[torch.as_tensor(indices)]
+    return (1.0 / torch.bincount(labels, minlength=num_classes).clamp(min=1))[labels].double()
 
 
 class SeededSamples(Dataset):

@@ -10,6 +10,8 @@ from torchvision.transforms import InterpolationMode, v2
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 Augment = Literal["none", "basic", "strong"]
+# The modes every pipeline here runs with (nearest-exact fails in TrivialAugment; box and hamming on tensors)
+Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
 
 
 def build_transforms(
@@ -18,7 +20,7 @@ def build_transforms(
     resize_size: int,
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
-    interpolation: str = "bilinear",
+    interpolation: Interpolation = "bilinear",
     augment: Augment = "none",
     normalize: bool = True,
 ) -> v2.Compose:
@@ -29,6 +31,8 @@ def build_transforms(
     resized crop and a horizontal flip, ``strong`` adds TrivialAugment and random erasing. ``normalize=False``
     stops at the uint8 pixels, before scaling and normalising, for ``normalize_batch`` to finish a whole batch.
     """
+    if min(crop_size, resize_size) < 1:  # torchvision would crop to nothing, or pad, without a word
+        raise ValueError(f"crop_size {crop_size} and resize_size {resize_size} must be 1 or more")
     mode = InterpolationMode(interpolation)
     if train and augment != "none":
         geometry = [v2.RandomResizedCrop(crop_size, interpolation=mode), v2.RandomHorizontalFlip()]

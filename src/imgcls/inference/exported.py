@@ -56,9 +56,20 @@ def read_bundle(directory: Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
     try:
         manifest = json.loads(source.read_text())
         arch = TIMM + manifest["arch"] if manifest["library"] == "timm" else manifest["arch"]
-        weights = directory / manifest["files"]["state_dict"]
+        name = manifest["files"]["state_dict"]
+        weights = directory / name
     except (ValueError, KeyError, TypeError) as error:
         raise UserError(f"{source}: not an exported model description ({error!r})") from error
+    if Path(name).name != name or not weights.is_file():  # not a path elsewhere, nor a pipe or a device to block on
+        raise UserError(
+            f"{source}: its state_dict file {name!r} is not a file in {directory}; correct it there, or export again "
+            "with export.py"
+        )
+    if not isinstance(manifest.get("arch_kwargs", {}), dict):
+        raise UserError(
+            f"{source}: its arch_kwargs are {manifest['arch_kwargs']!r}, not a mapping of the builder's arguments such "
+            'as {"image_size": 384} ({} for none); correct it there, or export again with export.py'
+        )
     spec = ModelSpec.from_hparams(
         {**manifest, "backbone": arch, "backbone_kwargs": manifest.get("arch_kwargs")}, source
     )

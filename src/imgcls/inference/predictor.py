@@ -9,9 +9,10 @@ from torch import nn
 
 from imgcls.backbones.factory import create_backbone
 from imgcls.checkpoints import ModelSpec, join_state, load_checkpoint
+from imgcls.data.pixel_limit import too_large, too_large_setting
 from imgcls.data.transforms import build_transforms
 from imgcls.errors import UserError
-from imgcls.inference.exported import is_bundle, read_bundle
+from imgcls.inference.exported import MANIFEST, is_bundle, read_bundle
 
 Prediction = list[tuple[str, float]]  # (class name, probability), most likely first
 
@@ -54,9 +55,20 @@ def build_network(spec: ModelSpec, weights: dict[str, torch.Tensor]) -> nn.Modul
     if net is not None:
         net.load_state_dict(weights, assign=True)
     if net is None or any(buffer.is_meta for buffer in net.buffers()):
-        net = create_backbone(spec.arch, len(spec.class_names), **spec.arch_kwargs)
+        net = _create(spec)
         net.load_state_dict(weights, assign=True)
     return net.float().eval()  # eval: BatchNorm uses its running statistics and Dropout is off
+
+
+class UnbuildableNetwork(UserError):
+    """The architecture a checkpoint or bundle names, with its builder arguments, is not one the library builds."""
+
+
+def _create(spec: ModelSpec) -> nn.Module:
+    try:
+        return create_backbone(spec.arch, len(spec.class_names), **spec.arch_kwargs)
+    except (TypeError, ValueError) as error:  # an unknown architecture, or builder arguments it refuses
+        raise UnbuildableNetwork(f"{spec.architecture} cannot be built ({error})") from error
 
 
 def _on_meta_device(spec: ModelSpec) -> nn.Module | None:
@@ -69,27 +81,48 @@ def _on_meta_device(spec: ModelSpec) -> nn.Module | None:
         return None
 
 
+def _fix(bundle: bool, keys: str) -> str:
+    return f"; correct {keys} there, or export again with export.py" if bundle else ""
+
+
 class Predictor:
     """A trained classifier in eval mode, with the class names and preprocessing saved alongside its weights."""
 
     def __init__(self, source: str | Path, device: str = "cpu") -> None:
         self.spec, weights = load_weights(source)
         self.class_names = self.spec.class_names
+        bundle = is_bundle(Path(source).expanduser())
+        where = Path(source) / MANIFEST if bundle else source  # a bundle's settings are in a file people edit
+        if setting := too_large_setting(self.spec.preprocess):  # before anything is built to that size
+            raise UserError(f"{where}: refused, its preprocess {setting}{_fix(bundle, 'preprocess')}")
         try:
             self.transform = build_transforms(train=False, **self.spec.preprocess)
         except (TypeError, ValueError) as error:
-            raise UserError(f"{source}: unusable preprocessing settings {self.spec.preprocess} ({error})") from error
+            settings = f"unusable preprocessing settings {self.spec.preprocess} ({error})"
+            raise UserError(f"{where}: {settings}{_fix(bundle, 'preprocess')}") from error
         self.device = torch.device(device)
         try:
             net = build_network(self.spec, weights)
+        except UnbuildableNetwork as error:
+            raise UserError(f"{where}: {error}{_fix(bundle, 'arch and arch_kwargs')}") from error
         except (RuntimeError, ValueError) as error:  # load_state_dict's complaints: missing, unexpected, misshapen keys
             summary = " ".join(str(error).split())[:300]
             expected = f"a {len(self.class_names)}-class {self.spec.arch}"
             raise UserError(f"{source}: its weights do not fit {expected} ({summary})") from error
         self.net = net.to(self.device)
 
+    def too_large(self, image: Image.Image) -> str | None:
+        """Why preprocessing ``image`` would make it larger than Pillow's decompression-bomb limit, or ``None``."""
+        return too_large(image, self.spec.preprocess["resize_size"])
+
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
-        """Turn RGB images into the batch the network takes, ``(B, 3, crop_size, crop_size)``, on the device."""
+        """Turn RGB images into the batch the network takes, ``(B, 3, crop_size, crop_size)``, on the device.
+
+        An image that resizing would make too large raises ``UserError``, before any is resized.
+        """
+        for index, image in enumerate(images):
+            if reason := self.too_large(image):
+                raise UserError(f"image {index} of the batch: refused, {reason}")
         return torch.stack([self.transform(image) for image in images]).to(self.device)
 
     @torch.inference_mode()

@@ -7,6 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.strategies import Strategy
+from torch.distributed.checkpoint import CheckpointException
+
+from imgcls.checkpoints import write_failure
+from imgcls.errors import UserError
 
 
 def save_folder_atomically(strategy: Strategy, filepath: Any, save: Callable[[Path], None]) -> None:
@@ -26,10 +30,12 @@ def save_folder_atomically(strategy: Strategy, filepath: Any, save: Callable[[Pa
     strategy.barrier("sharded_checkpoint_start")
     try:
         save(partial)
-    except BaseException:
+    except BaseException as error:
         if strategy.is_global_zero:
             shutil.rmtree(partial, ignore_errors=True)
-        raise
+        if not isinstance(error, CheckpointException):
+            raise
+        raise shard_write_failure(path, error, strategy.global_rank) from error  # DCP told every rank
     strategy.barrier("sharded_checkpoint_written")  # every rank's shards are on disk
     if strategy.is_global_zero:
         shutil.rmtree(old, ignore_errors=True)
@@ -40,3 +46,22 @@ def save_folder_atomically(strategy: Strategy, filepath: Any, save: Callable[[Pa
         os.replace(partial, path)
         shutil.rmtree(old, ignore_errors=True)
     strategy.barrier("sharded_checkpoint_renamed")
+
+
+def shard_write_failure(path: Path, error: CheckpointException, rank: int) -> UserError:
+    """One line for a sharded checkpoint that some rank could not write, as DCP reports it to every ``rank``.
+
+    DCP gathers the failures of every rank pickled, which drops the OSError behind torch.save's "unexpected pos" (a
+    write cut short) where it was not kept: then its message says what happened, and the likely causes.
+    """
+    rank = rank if rank in error.failures else min(error.failures)
+    failure = error.failures[rank][0]
+    found = write_failure(path, failure)
+    if found is not None:
+        return found
+    reason = " ".join(str(failure).split())
+    return UserError(
+        f"{path}: the sharded checkpoint could not be written (rank {rank}: {type(failure).__name__}: {reason}; "
+        "a write cut short is a full disk, a quota or ulimit -f); the one before, if any, is unchanged: make room, "
+        "then resume with --ckpt_path last"
+    )
