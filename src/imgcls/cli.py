@@ -232,7 +232,7 @@ class TrainCLI(LightningCLI):
                 data[key] = value
         crop = data.crop_size or DEFAULT_CROP_SIZE  # a network that fixes its input size is built for it, or not
         size = settle_input_size(model.backbone, crop, weights, model.backbone_kwargs or {})
-        model.backbone_kwargs = {**(model.backbone_kwargs or {}), **size.arch_kwargs} or None
+        model.backbone_kwargs = plain({**(model.backbone_kwargs or {}), **size.arch_kwargs}) or None  # see plain
         if size.crop_size != crop:
             data.crop_size, data.resize_size = size.crop_size, round((data.resize_size or crop) * size.crop_size / crop)
         if size.message:
