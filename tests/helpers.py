@@ -7,6 +7,7 @@ SIGSTOP, then each process in turn gets SIGABRT and SIGCONT and writes its threa
 """
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -178,3 +179,17 @@ def _command(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
     except OSError:
         return "?"
+
+
+def report(workdir: Path, rank: int = 0) -> dict:
+    """What tests/scripts/train_and_report.py wrote for ``rank`` in ``workdir``."""
+    return json.loads((workdir / f"report_rank{rank}.json").read_text())
+
+
+def logged(workdir: Path, tag: str, version: int = 0) -> dict[int, float]:
+    """The scalar ``tag`` of run ``version`` under ``workdir/logs``, by step, as TensorBoard reads it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(workdir / "logs" / f"version_{version}"))
+    events.Reload()
+    return {event.step: event.value for event in events.Scalars(tag)}

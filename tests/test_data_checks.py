@@ -2,7 +2,6 @@
 
 import struct
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,17 +13,10 @@ from PIL import Image
 from imgcls.data.checks import BadBatch, BadImage, collate
 from imgcls.data.images import open_image
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 LEAN = [*QUICK, "--data.batch_size=4", "--trainer.callbacks=null", "--trainer.enable_model_summary=false",
         "--inspection.every_n_steps=0", "--data.crop_size=8", "--data.resize_size=8"]  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on a CPU shared with other jobs, two threads wait on each other many times over."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:

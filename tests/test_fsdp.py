@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from helpers import QUICK, run
+from helpers import QUICK, logged, report, run
 from helpers import train as train_here
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from imgcls.backbones.factory import create_backbone
 from imgcls.parallel.collectives import DEFAULT_TIMEOUT_S
@@ -50,16 +49,6 @@ def train(workdir: Path, *args: str, devices: int, accumulate: int = 1) -> Path:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir
-
-
-def report(workdir: Path, rank: int = 0) -> dict:
-    return json.loads((workdir / f"report_rank{rank}.json").read_text())
-
-
-def logged(workdir: Path, tag: str, version: int = 0) -> dict[int, float]:
-    events = EventAccumulator(str(workdir / "logs" / f"version_{version}"))
-    events.Reload()
-    return {event.step: event.value for event in events.Scalars(tag)}
 
 
 def train_losses(workdir: Path, version: int = 0) -> dict[int, float]:

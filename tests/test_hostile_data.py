@@ -9,7 +9,6 @@ end as one line naming the path or option and the fix, before anything trains; l
 import importlib.util
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -27,20 +26,13 @@ from imgcls.errors import UserError
 from imgcls.inference.exported import MANIFEST, write_bundle
 from imgcls.inference.predictor import Predictor, load_weights
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 LEAN = [*QUICK, "--trainer.callbacks=null", "--trainer.enable_model_summary=false", "--inspection.every_n_steps=0",
         "--data.crop_size=8", "--data.resize_size=8"]  # fmt: skip
 ALL_BATCHES = ["--trainer.limit_train_batches=null", "--trainer.limit_val_batches=null"]
 LIMIT = "more than Pillow's decompression-bomb limit of 89.5 M (PIL.Image.MAX_IMAGE_PIXELS)"
 THIN = f"1 x 2000000 pixels, which resizing to 8 makes 8 x 16000000, 128 M pixels: {LIMIT}"  # a 4 KB PNG
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on a CPU shared with other jobs, two threads wait on each other many times over."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def images(folder: Path, names: str = "ab", per_class: int = 6) -> None:

@@ -6,7 +6,7 @@ import signal
 import subprocess
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,22 +18,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from imgcls.checkpoints import load_checkpoint
 from imgcls.model import ImageClassifier
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 # The embedded digits at 32 pixels with resnet18, as configs/default.yaml has them, in batches of 16; without the
 # TensorBoard figure and summary callbacks, which cost time and are not what these tests are about.
 LEAN = [*QUICK, "--data.batch_size=16", "--trainer.callbacks=null", "--trainer.enable_model_summary=false",
         "--inspection.every_n_steps=0"]  # fmt: skip
 DIGITS = list("0123456789")
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread (two, on a CPU shared with other jobs, wait on each other many times over); and
-    deterministic algorithms off again after a test that turned them on."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
 
 
 def every_checkpoint_loads(root: Path) -> dict[Path, dict]:

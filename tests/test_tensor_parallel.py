@@ -23,9 +23,8 @@ from urllib.parse import urlparse
 import pytest
 import torch
 import torchvision
-from helpers import REPO, exit_message, run, shell_env
+from helpers import REPO, exit_message, logged, report, run, shell_env
 from helpers import train as train_here
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from imgcls.backbones.factory import create_backbone
 from imgcls.backbones.partial import load_partial
@@ -68,16 +67,6 @@ def train(workdir: Path, *args: str, devices: int, replicas: int, epochs: int = 
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir
-
-
-def report(workdir: Path, rank: int = 0) -> dict:
-    return json.loads((workdir / f"report_rank{rank}.json").read_text())
-
-
-def logged(workdir: Path, tag: str, version: int = 0) -> dict[int, float]:
-    events = EventAccumulator(str(workdir / "logs" / f"version_{version}"))
-    events.Reload()
-    return {event.step: event.value for event in events.Scalars(tag)}
 
 
 @pytest.fixture(scope="module")
