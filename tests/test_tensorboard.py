@@ -71,13 +71,13 @@ def test_default_run_logs_sane_scalars(trained: Path) -> None:
     assert events.Tags()["histograms"] == []
 
 
-def test_default_run_draws_a_confusion_matrix_and_samples_of_the_last_validation_and_the_test(trained: Path) -> None:
+def test_default_run_draws_a_confusion_matrix_and_samples_of_the_test(trained: Path) -> None:
     events = read(trained)
-    last_step = events.Images("test/confusion_matrix")[0].step  # the training's last
-    for tag in ["val/confusion_matrix", "val/samples", "test/confusion_matrix", "test/samples"]:
+    # Two epochs, fewer than every_n_epochs: no validation figures; the test's once, where test/acc is.
+    assert not {"val/confusion_matrix", "val/samples"} & set(events.Tags()["images"])
+    for tag in ["test/confusion_matrix", "test/samples"]:
         images = events.Images(tag)
-        # Two epochs, drawn every 10th and after the last: the last validation's figures, once, at its step.
-        assert [image.step for image in images] == [last_step], tag
+        assert [image.step for image in images] == [events.Scalars("test/acc")[-1].step], tag
         picture = Image.open(io.BytesIO(images[-1].encoded_image_string)).convert("L")
         assert picture.width > 200 and picture.height > 200
         low, high = picture.getextrema()
@@ -93,11 +93,12 @@ def test_sample_predictions_show_every_class_when_the_data_comes_class_by_class(
     from imgcls.callbacks.figures import PredictionFigures
     from imgcls.model import ImageClassifier
 
-    titles = {}
+    titles, drawn = {}, []
     draw = SummaryWriter.add_figure
 
     def recorded(writer: SummaryWriter, tag: str, figure, *args, **kwargs) -> None:
         titles[tag] = [ax.get_title() for ax in figure.axes if ax.get_title()]
+        drawn.extend([tag] if tag.endswith("samples") else [])
         draw(writer, tag, figure, *args, **kwargs)
 
     monkeypatch.setattr(SummaryWriter, "add_figure", recorded)  # the real drawing, with its titles noted
@@ -105,12 +106,17 @@ def test_sample_predictions_show_every_class_when_the_data_comes_class_by_class(
     images = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     labels = torch.arange(4).repeat_interleave(16)  # sorted by class, as ImageFolder's evaluation order is
     model = ImageClassifier("resnet18", num_classes=4, class_names=names, preprocess={})
+    figures = PredictionFigures(num_samples=8, every_n_epochs=1)
     trainer = L.Trainer(
-        logger=TensorBoardLogger(tmp_path), callbacks=[PredictionFigures(num_samples=8)], enable_progress_bar=False
-    )
-    trainer.test(model, DataLoader(TensorDataset(images, labels), batch_size=16), verbose=False)
+        logger=TensorBoardLogger(tmp_path), callbacks=[figures], enable_progress_bar=False, max_epochs=2,
+        limit_train_batches=1, num_sanity_val_steps=0, enable_checkpointing=False, enable_model_summary=False,
+    )  # fmt: skip
+    loader = DataLoader(TensorDataset(images, labels), batch_size=16)
+    trainer.fit(model, loader, loader)
+    trainer.test(model, loader, verbose=False)
     true_classes = [title.split(" / ")[1] for title in titles["test/samples"]]
     assert len(true_classes) == 8 and sorted(set(true_classes)) == names  # not 8 ants from the first batch
+    assert drawn == ["val/samples", "val/samples", "test/samples"]  # every_n_epochs=1: after each epoch
 
 
 def test_default_run_records_config_model_summary_and_hparams_with_final_metrics(trained: Path) -> None:
