@@ -13,7 +13,8 @@ import lightning as L
 class KillAtStep(L.Callback):
     """SIGKILL the whole job (every rank, every loader process) as training step ``step`` starts.
 
-    Lightning runs checkpoint callbacks after the others, so a checkpoint of step ``step - 1`` is complete by then.
+    Lightning runs checkpoint callbacks after the others, so a checkpoint of step ``step - 1`` has been asked for by
+    then; the kill waits for its file, which a background thread writes while training goes on.
     """
 
     def __init__(self, step: int) -> None:
@@ -21,4 +22,5 @@ class KillAtStep(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
         if trainer.global_step == self.step and trainer.is_global_zero:
+            trainer.strategy.checkpoint_io.wait()
             os.killpg(os.getpgrp(), signal.SIGKILL)

@@ -1,11 +1,12 @@
 """Which checkpoints a run keeps: the best by the monitored metric, and ``last.ckpt``, always the newest state."""
 
-import os
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+from imgcls.callbacks.crash_safe import AtomicCheckpointIO
 
 
 class BestAndLast(ModelCheckpoint):
@@ -42,25 +43,10 @@ class BestAndLast(ModelCheckpoint):
         another_runs = self._enable_version_counter and last != self.last_model_path and self.file_exists(last, trainer)
         if not same_step or another_runs:  # Lightning names it last-v1.ckpt then
             return super()._save_last_checkpoint(trainer, monitor_candidates)
+        io = trainer.strategy.checkpoint_io
+        files = isinstance(io, AtomicCheckpointIO) and trainer.strategy.broadcast(not Path(saved).is_dir())
+        if not files:  # a sharded folder, or a CheckpointIO of the user's: written again
+            return super()._save_last_checkpoint(trainer, monitor_candidates)
         self.last_model_path = last
-        linked = link_atomically(saved, last) if trainer.is_global_zero else True
-        if not trainer.strategy.broadcast(linked):  # a sharded folder, or a filesystem without hard links
-            super()._save_last_checkpoint(trainer, monitor_candidates)
-            return
-        trainer.strategy.barrier("last_checkpoint_linked")
-
-
-def link_atomically(target: str, link: str) -> bool:
-    """Make ``link`` a hard link to the file ``target``, replacing ``link`` atomically; ``False`` if it cannot be."""
-    target_path, link_path = Path(target), Path(link)
-    tmp = link_path.with_name(f".{link_path.name}.link")
-    if not target_path.is_file():
-        return False
-    try:
-        tmp.unlink(missing_ok=True)
-        os.link(target_path, tmp)
-        os.replace(tmp, link_path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        return False
-    return True
+        if trainer.is_global_zero:
+            io.link(saved, last)  # once the best is written, by the same thread
