@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from imgcls.errors import UserError, exit_with
+from imgcls.runtime import end_without_collecting
 
 CHECK_BATCH = 16  # images per parity-check batch; a single image is checked too, for the dynamic batch size
 
@@ -79,3 +80,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    end_without_collecting()

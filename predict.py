@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from imgcls.errors import UserError, exit_with
+from imgcls.runtime import end_without_collecting
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     try:
         main()
+        end_without_collecting()
     except BrokenPipeError:  # the reader stopped early (predict.py photos/ | head): quit quietly, as cat does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush does not fail again
         sys.exit(1)

@@ -17,8 +17,10 @@ flags that matter, the strategies and the files in configs/.
 from pathlib import Path
 
 from imgcls.cli import main
+from imgcls.runtime import end_without_collecting
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "default.yaml"
 
 if __name__ == "__main__":
     main(config=DEFAULT_CONFIG)
+    end_without_collecting()

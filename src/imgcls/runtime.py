@@ -10,7 +10,10 @@
   reuse the same pages; the peak memory is unchanged, it is just not returned between steps. This is what PyTorch's
   CPU tuning guide gets by preloading jemalloc or tcmalloc, done with glibc's own ``mallopt``.
 
-On GPUs both are on too and matter less: device memory has PyTorch's caching allocator, and steps are shorter.
+- At exit, Python collects every generation while it tears the modules down: with torch, Lightning and matplotlib
+  loaded, a second of CPU time spent on objects that die with the process (``end_without_collecting``).
+
+On GPUs the first two are on too and matter less: device memory has PyTorch's caching allocator, and steps are shorter.
 """
 
 import contextlib
@@ -54,3 +57,13 @@ def keep_freed_memory(enabled: bool = True) -> Iterator[None]:
         libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
         libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
         libc.malloc_trim(0)
+
+
+def end_without_collecting() -> None:
+    """Spare the ending process Python's last full garbage collection; call it last, once every file is closed.
+
+    The collection at exit scans every object the imports and the run made (over a second on 2 CPU cores, for
+    torch, Lightning and matplotlib); frozen objects are left out of it. Objects outside reference cycles are still
+    freed, and their finalizers run, as the modules are cleared.
+    """
+    gc.freeze()
