@@ -14,6 +14,7 @@ Prints each pair's wall times and test accuracies, the median of the pairs' rati
 
 import argparse
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,6 +44,7 @@ def run(side: str, seed: int, epochs: int, folder: Path, extra: list[str]) -> tu
     start = time.perf_counter()
     result = subprocess.run([sys.executable, *command], cwd=folder, capture_output=True, text=True)
     seconds = time.perf_counter() - start
+    shutil.rmtree(folder / "logs", ignore_errors=True)  # each run starts as the first: no gigabytes of old runs
     found = re.search(TEST_ACC[side], result.stdout)
     if result.returncode != 0 or found is None:
         sys.exit(f"error: the {side} run failed:\n{result.stderr[-3000:]}")
