@@ -15,6 +15,7 @@ from helpers import QUICK, exit_message, finish, run, script, shell_env, start, 
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from imgcls.callbacks.crash_safe import AtomicCheckpointIO
 from imgcls.checkpoints import load_checkpoint
 from imgcls.model import ImageClassifier
 
@@ -257,6 +258,19 @@ def test_killed_at_any_moment_the_run_resumes_and_finishes(in_tmp: Path) -> None
     final = every_checkpoint_loads(logs)[last(1)]
     assert (final["epoch"], final["global_step"]) == (4, 20)
     assert sorted(path.name for path in logs.iterdir()) == ["version_0", "version_1"]
+
+
+def test_a_checkpoint_holds_the_state_of_its_step_while_training_goes_on(tmp_path: Path) -> None:
+    # Checkpoints are written by a background thread: the next optimizer step changes the weights in place before
+    # the write ends. The file must hold the weights as they were when the save was asked for.
+    io, weights = AtomicCheckpointIO(), torch.zeros(1_000_000)
+    io.save_checkpoint({"state_dict": {"w": weights}}, tmp_path / "best.ckpt")
+    weights += 1  # the next step
+    io.link(tmp_path / "best.ckpt", tmp_path / "last.ckpt")  # queued after the write, as BestAndLast does
+    io.teardown()  # waits for both, as Lightning's teardown at the end of fit
+    assert torch.equal(torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]["w"], torch.zeros(1_000_000))
+    assert (tmp_path / "last.ckpt").samefile(tmp_path / "best.ckpt")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["best.ckpt", "last.ckpt"]  # no temporary left
 
 
 def files_of(folder: Path) -> dict[str, tuple[int, int, int]]:
