@@ -263,12 +263,15 @@ def test_killed_at_any_moment_the_run_resumes_and_finishes(in_tmp: Path) -> None
 def test_a_checkpoint_holds_the_state_of_its_step_while_training_goes_on(tmp_path: Path) -> None:
     # Checkpoints are written by a background thread: the next optimizer step changes the weights in place before
     # the write ends. The file must hold the weights as they were when the save was asked for.
-    io, weights = AtomicCheckpointIO(), torch.zeros(1_000_000)
-    io.save_checkpoint({"state_dict": {"w": weights}}, tmp_path / "best.ckpt")
-    weights += 1  # the next step
+    io, net = AtomicCheckpointIO(), torch.nn.BatchNorm1d(1_000_000)
+    io.save_checkpoint({"state_dict": net.state_dict()}, tmp_path / "best.ckpt")
+    with torch.no_grad():
+        net.weight += 1  # the next step
     io.link(tmp_path / "best.ckpt", tmp_path / "last.ckpt")  # queued after the write, as BestAndLast does
     io.teardown()  # waits for both, as Lightning's teardown at the end of fit
-    assert torch.equal(torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]["w"], torch.zeros(1_000_000))
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
+    assert torch.equal(saved["weight"], torch.ones(1_000_000))
+    assert saved._metadata == net.state_dict()._metadata  # module versions, which some modules need to load
     assert (tmp_path / "last.ckpt").samefile(tmp_path / "best.ckpt")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["best.ckpt", "last.ckpt"]  # no temporary left
 

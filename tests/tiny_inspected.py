@@ -84,3 +84,5 @@ def fit(log_dir: Path, strategy: str = "single", **model_args: float | bool) -> 
 
 if __name__ == "__main__":
     fit(Path(sys.argv[1]), sys.argv[2])
+    if torch.distributed.is_initialized():  # as imgcls.cli does: a rank that exits with its gloo group alive can
+        torch.distributed.destroy_process_group()  # abort the other ("terminate called": connection closed by peer)

@@ -45,6 +45,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             self.wait()
             return super().save_checkpoint(checkpoint, path, storage_options)
         snapshot = apply_to_collection(checkpoint, torch.Tensor, lambda tensor: tensor.detach().to("cpu", copy=True))
+        _keep_metadata(checkpoint, snapshot)
         self._queue(_write_atomically, snapshot, Path(path))
 
     def link(self, target: Any, link: Any) -> None:
@@ -82,6 +83,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self._queued.append(self._writer.submit(write, *args))
 
 
+def _keep_metadata(original: Any, copy: Any) -> None:
+    """Give each state dict in ``copy`` the ``_metadata`` of its original, which ``apply_to_collection`` drops: the
+    module versions that ``load_state_dict`` passes to modules (torchvision's MNASNet refuses a state dict without)."""
+    if isinstance(original, dict):
+        if hasattr(original, "_metadata"):
+            copy._metadata = original._metadata
+        for key, value in original.items():
+            _keep_metadata(value, copy[key])
+    elif isinstance(original, list | tuple):
+        for value, copied in zip(original, copy, strict=True):
+            _keep_metadata(value, copied)
+
+
 def _write_atomically(checkpoint: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")  # one writer per checkpoint: rank 0's thread
@@ -105,7 +119,7 @@ def _write_atomically(checkpoint: dict[str, Any], path: Path) -> None:
 
 
 def _link_atomically(target: Path, link: Path) -> None:
-    tmp = link.with_name(f".{link.name}.tmp")
+    tmp = link.with_name(f".{link.name}.link")  # not a write's .tmp: a job killed now has not cut a write short
     tmp.unlink(missing_ok=True)
     try:
         os.link(target, tmp)
