@@ -107,6 +107,7 @@ def test_sample_predictions_show_every_class_when_the_data_comes_class_by_class(
     labels = torch.arange(4).repeat_interleave(16)  # sorted by class, as ImageFolder's evaluation order is
     model = ImageClassifier("resnet18", num_classes=4, class_names=names, preprocess={})
     figures = PredictionFigures(num_samples=8, every_n_epochs=1)
+    # A bare Trainer around one callback, quiet; train.py's runs keep the progress bar (test_train.py).
     trainer = L.Trainer(
         logger=TensorBoardLogger(tmp_path), callbacks=[figures], enable_progress_bar=False, max_epochs=2,
         limit_train_batches=1, num_sanity_val_steps=0, enable_checkpointing=False, enable_model_summary=False,

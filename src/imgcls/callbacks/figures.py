@@ -31,8 +31,8 @@ class PredictionFigures(Callback):
     normalisation) from its hyperparameters, and the logits its ``validation_step``/``test_step`` return.
 
     Drawing the two takes matplotlib 0.3 s or more on a CPU core, as long as a few training steps: drawn after every
-    validation epoch, they cost the default 5-epoch run about 5 % of its time. Its figures are the test's, of the
-    best checkpoint; longer runs also show how validation got there.
+    validation epoch, they cost the default 5-epoch run about 5 % of its time. That run draws only the test's (of
+    the best checkpoint); longer runs also show how validation got there.
 
     Args:
         confusion_matrix: Log the confusion matrix.
